@@ -1,0 +1,5 @@
+import sys
+
+from metapearl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,159 @@
+"""PEARLAgent: context inference and acting. The deployment API, and what rollouts call.
+
+Typical use on a new task (SPEC section 5, Algorithm 2)::
+
+    agent = PEARLAgent.load("runs/point-robot-s0")
+    agent.reset()                                   # belief = prior, context emptied
+    for trajectory in range(3):
+        agent.sample_z()                            # z ~ current belief, once per trajectory
+        obs, _ = env.reset()
+        for t in range(20):
+            action = agent.act(obs)                 # deterministic: tanh of the mean
+            next_obs, reward, term, trunc, info = env.step(action)
+            agent.observe(obs, action, reward, next_obs)
+            obs = next_obs
+        agent.infer_posterior()                     # belief = q(z | everything observed)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from metapearl.encoder import ContextEncoder, prior, sample_z
+from metapearl.networks import TanhGaussianPolicy
+
+
+class PEARLAgent(nn.Module):
+    """Context encoder + policy, and for deployment a belief over z for one task.
+
+    Actions inside the library are normalised to [-1, 1]; `act` and `observe` speak the
+    environment's units, given by `action_low` / `action_high`.
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        latent_size: int,
+        net_size: int,
+        encoder_size: int,
+        use_information_bottleneck: bool = True,
+        use_next_obs_in_context: bool = False,
+        action_low: np.ndarray | None = None,
+        action_high: np.ndarray | None = None,
+    ):
+        super().__init__()
+        self.obs_dim, self.action_dim, self.latent_size = obs_dim, action_dim, latent_size
+        self.use_next_obs_in_context = use_next_obs_in_context
+        self.context_dim = obs_dim + action_dim + 1 + (obs_dim if use_next_obs_in_context else 0)
+        self.encoder = ContextEncoder(
+            self.context_dim, latent_size, encoder_size, use_information_bottleneck
+        )
+        self.policy = TanhGaussianPolicy(obs_dim + latent_size, action_dim, net_size)
+        low = -np.ones(action_dim) if action_low is None else np.asarray(action_low, np.float64)
+        high = np.ones(action_dim) if action_high is None else np.asarray(action_high, np.float64)
+        self.register_buffer("action_low", torch.as_tensor(low, dtype=torch.float32))
+        self.register_buffer("action_high", torch.as_tensor(high, dtype=torch.float32))
+        self.generator: torch.Generator | None = None
+        self.reset()
+
+    @classmethod
+    def from_config(cls, cfg, obs_dim: int, action_dim: int, action_low=None, action_high=None):
+        return cls(
+            obs_dim, action_dim, cfg.latent_size, cfg.net_size, cfg.encoder_size,
+            cfg.use_information_bottleneck, cfg.use_next_obs_in_context, action_low, action_high,
+        )
+
+    @property
+    def stochastic(self) -> bool:
+        return self.encoder.information_bottleneck
+
+    # --- batched API (training, rollouts) -----------------------------------------------------
+    def make_context(self, obs, actions, rewards, next_obs) -> torch.Tensor:
+        """Concatenate transitions (..., dims) into context rows (..., context_dim); rewards (..., 1)."""
+        parts = [obs, actions, rewards] + ([next_obs] if self.use_next_obs_in_context else [])
+        return torch.cat(parts, dim=-1)
+
+    def posterior(self, context: torch.Tensor, mask: torch.Tensor | None = None):
+        """q(z | c) per task: context (tasks, n, context_dim) -> (mu, var), each (tasks, latent)."""
+        return self.encoder(context, mask)
+
+    def prior(self, tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return prior(tasks, self.latent_size, self.action_low.device, self.stochastic)
+
+    @torch.no_grad()
+    def act_batch(
+        self,
+        obs: np.ndarray,
+        z: torch.Tensor,
+        deterministic: bool,
+        generator: torch.Generator | None = None,
+    ) -> np.ndarray:
+        """Normalised actions (N, action_dim) in [-1, 1] for observations (N, obs_dim), z (N, latent)."""
+        o = torch.as_tensor(obs, dtype=torch.float32, device=z.device)
+        action, *_ = self.policy(
+            torch.cat([o, z], dim=-1), deterministic, generator, with_log_prob=False
+        )
+        return action.cpu().numpy()
+
+    def to_env_action(self, action: np.ndarray) -> np.ndarray:
+        low, high = self.action_low.cpu().numpy(), self.action_high.cpu().numpy()
+        return low + (np.clip(action, -1.0, 1.0) + 1.0) * 0.5 * (high - low)
+
+    def from_env_action(self, env_action: np.ndarray) -> np.ndarray:
+        low, high = self.action_low.cpu().numpy(), self.action_high.cpu().numpy()
+        return 2.0 * (np.asarray(env_action) - low) / (high - low) - 1.0
+
+    # --- deployment API (one task at a time) --------------------------------------------------
+    def reset(self) -> None:
+        """Forget the current task: empty context, belief = prior, z = prior mean."""
+        self._context: list[torch.Tensor] = []
+        self.belief_mu, self.belief_var = self.prior(1)
+        self.z = self.belief_mu.clone()
+
+    def observe(self, obs, action, reward: float, next_obs) -> None:
+        """Add one transition (environment units) to this task's context."""
+        dev = self.action_low.device
+        row = self.make_context(
+            torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=dev).reshape(1, -1),
+            torch.as_tensor(self.from_env_action(action), dtype=torch.float32, device=dev)
+            .reshape(1, -1),
+            torch.tensor([[float(reward)]], device=dev),
+            torch.as_tensor(np.asarray(next_obs), dtype=torch.float32, device=dev).reshape(1, -1),
+        )
+        self._context.append(row)
+
+    @property
+    def context(self) -> torch.Tensor:
+        """The observed context, (1, n, context_dim)."""
+        if not self._context:
+            return torch.zeros(1, 0, self.context_dim, device=self.action_low.device)
+        return torch.cat(self._context, dim=0).unsqueeze(0)
+
+    @torch.no_grad()
+    def infer_posterior(self) -> None:
+        """belief = q(z | all transitions observed since `reset`)."""
+        self.belief_mu, self.belief_var = self.posterior(self.context)
+
+    @torch.no_grad()
+    def sample_z(self) -> torch.Tensor:
+        """Draw z from the current belief (do this at the start of each trajectory)."""
+        self.z = sample_z(self.belief_mu, self.belief_var, self.generator)
+        return self.z
+
+    def act(self, obs, deterministic: bool = True) -> np.ndarray:
+        """The action for `obs` under the current z, in environment units."""
+        a = self.act_batch(np.asarray(obs, dtype=np.float32)[None], self.z, deterministic,
+                           self.generator)
+        return self.to_env_action(a[0])
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str = "cpu") -> PEARLAgent:
+        """The agent of a training run's latest checkpoint (tensors only; no code is executed)."""
+        from metapearl.checkpoint import load_agent
+
+        return load_agent(Path(run_dir), device)

@@ -1,0 +1,150 @@
+"""Per-task replay storage as one preallocated tensor, and the context samplers (SPEC section 4).
+
+All tasks share one (tasks, capacity, width) float32 tensor, so the RL batch (or the context batch)
+of every meta-batch task is drawn with one random draw and one indexing op. Capacity starts small
+and doubles on demand up to `max_size` rows per task (FIFO beyond), so memory follows the data a
+run actually collects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Batch:
+    """Transitions of several tasks; every field is (tasks, n, dim)."""
+
+    obs: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor  # the critic's reward (dense)
+    context_rewards: torch.Tensor  # the reward the encoder sees (sparse for sparse families)
+    next_obs: torch.Tensor
+    terminals: torch.Tensor
+
+
+class TaskReplayBuffer:
+    """Transitions of each task, stored per task and sampled uniformly with replacement."""
+
+    def __init__(
+        self,
+        num_tasks: int,
+        obs_dim: int,
+        action_dim: int,
+        max_size: int,
+        device: torch.device | str = "cpu",
+        initial_capacity: int = 256,
+    ):
+        self.obs_dim, self.action_dim, self.max_size = obs_dim, action_dim, max_size
+        self.width = 2 * obs_dim + action_dim + 3
+        self.device = torch.device(device)
+        self.data = torch.zeros(num_tasks, min(initial_capacity, max_size), self.width,
+                                device=self.device)
+        self.sizes = np.zeros(num_tasks, dtype=np.int64)
+        self.tops = np.zeros(num_tasks, dtype=np.int64)  # next write position (FIFO)
+        self._sizes_t = torch.zeros(num_tasks, dtype=torch.float32, device=self.device)
+
+    @property
+    def capacity(self) -> int:
+        return self.data.shape[1]
+
+    def rows(self, obs, actions, rewards, context_rewards, next_obs, terminals) -> np.ndarray:
+        """Pack n transitions (numpy arrays with n leading rows) into storage rows (n, width)."""
+        return np.concatenate(
+            [obs, actions, rewards[:, None], context_rewards[:, None], next_obs,
+             terminals[:, None]], axis=1, dtype=np.float32,
+        )
+
+    def add(self, task: int, rows: np.ndarray) -> None:
+        """Append rows (n, width) to `task`, overwriting its oldest rows beyond max_size."""
+        n = len(rows)
+        needed = min(self.sizes[task] + n, self.max_size)
+        if needed > self.capacity:
+            self._grow(needed)
+        rows_t = torch.as_tensor(rows[-self.max_size:], device=self.device)
+        start = int(self.tops[task])
+        first = min(len(rows_t), self.max_size - start)
+        self.data[task, start:start + first] = rows_t[:first]
+        self.data[task, :len(rows_t) - first] = rows_t[first:]
+        self.tops[task] = (start + len(rows_t)) % self.max_size
+        self.sizes[task] = needed
+        self._sizes_t[task] = float(needed)
+
+    def _grow(self, needed: int) -> None:
+        cap = self.capacity
+        while cap < needed:
+            cap *= 2
+        cap = min(cap, self.max_size)
+        grown = torch.zeros(self.data.shape[0], cap, self.width, device=self.device)
+        grown[:, :self.capacity] = self.data
+        self.data = grown
+
+    def clear(self, task: int) -> None:
+        self.sizes[task] = 0
+        self.tops[task] = 0
+        self._sizes_t[task] = 0.0
+
+    def sample(self, tasks: torch.Tensor, n: int, generator: torch.Generator | None) -> Batch:
+        """n transitions per task, uniform with replacement: tasks (B,) -> Batch of (B, n, dim)."""
+        sizes = self._sizes_t[tasks]
+        if bool((sizes == 0).any()):
+            empty = tasks[sizes == 0].tolist()
+            raise RuntimeError(f"cannot sample from empty buffers of tasks {empty}")
+        u = torch.rand(len(tasks), n, generator=generator, device=self.device)
+        idx = (u * sizes[:, None]).long()
+        return self.split(self.data[tasks[:, None], idx])
+
+    def all_of(self, task: int) -> Batch:
+        """Every stored transition of one task, as a Batch of (1, size, dim)."""
+        return self.split(self.data[task:task + 1, :int(self.sizes[task])])
+
+    def split(self, x: torch.Tensor) -> Batch:
+        o, a = self.obs_dim, self.action_dim
+        return Batch(
+            obs=x[..., :o], actions=x[..., o:o + a], rewards=x[..., o + a:o + a + 1],
+            context_rewards=x[..., o + a + 1:o + a + 2], next_obs=x[..., o + a + 2:2 * o + a + 2],
+            terminals=x[..., 2 * o + a + 2:],
+        )
+
+    def state_dict(self) -> dict:
+        used = int(self.sizes.max()) if len(self.sizes) else 0
+        return {"data": self.data[:, :used].clone(), "sizes": torch.as_tensor(self.sizes),
+                "tops": torch.as_tensor(self.tops)}
+
+    def load_state_dict(self, state: dict) -> None:
+        data = state["data"].to(self.device)
+        self.data = torch.zeros(data.shape[0], max(data.shape[1], 1), self.width,
+                                device=self.device)
+        self.data[:, :data.shape[1]] = data
+        self.sizes = state["sizes"].numpy().astype(np.int64).copy()
+        self.tops = state["tops"].numpy().astype(np.int64).copy()
+        self._sizes_t = torch.as_tensor(self.sizes, dtype=torch.float32, device=self.device)
+
+
+def sample_context(
+    sampler: str,
+    rl_buffer: TaskReplayBuffer,
+    enc_buffer: TaskReplayBuffer,
+    tasks: torch.Tensor,
+    n: int,
+    generator: torch.Generator | None,
+    rl_batch: Batch | None = None,
+) -> Batch:
+    """The context batch S_c (SPEC section 4) for `tasks`: (B, n, dim) transitions.
+
+    recent: from the encoder buffer (data of the latest collection, the paper's choice);
+    off-policy: a separate draw from the whole RL buffer;
+    off-policy-rl-batch: the RL batch itself.
+    """
+    if sampler == "recent":
+        return enc_buffer.sample(tasks, n, generator)
+    if sampler == "off-policy":
+        return rl_buffer.sample(tasks, n, generator)
+    if sampler == "off-policy-rl-batch":
+        if rl_batch is None:
+            raise ValueError("off-policy-rl-batch needs the RL batch")
+        return rl_batch
+    raise ValueError(f"unknown context sampler {sampler!r}")

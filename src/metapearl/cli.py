@@ -1,0 +1,179 @@
+"""The `metapearl` command line: train, eval, plot, tasks, config."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from metapearl.checkpoint import CheckpointError
+from metapearl.config import ConfigError, field_help, make_config, parse_overrides
+
+EXAMPLES = """examples:
+  metapearl train point-robot                       # default CPU preset, seed 0
+  metapearl train point-robot --seed 1 --set num_iterations=50 --out runs/pr1
+  metapearl train sparse-point-robot --preset paper
+  metapearl train point-robot --resume --out runs/pr1   # continue a run
+  metapearl eval runs/pr1                           # meta-test the latest checkpoint
+  metapearl config point-robot --preset paper       # every field, its value and meaning
+"""
+
+
+def _cmd_tasks(args) -> int:
+    from metapearl.tasks import family_names, get_family
+
+    print(f"{'family':<22} {'episode':>7}  task parameter")
+    for name in family_names():
+        fam = get_family(name)
+        print(f"{name:<22} {fam.max_path_length:>7}  {fam.task_parameter}")
+    return 0
+
+
+def _cmd_config(args) -> int:
+    cfg = make_config(args.family, args.preset, parse_overrides(args.set))
+    values = cfg.to_dict()
+    for name, kind, help_text in field_help():
+        print(f"{name:<30} {values[name]!s:<14} {help_text}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from metapearl.checkpoint import load_run_config
+    from metapearl.trainer import train
+
+    if args.resume:
+        if args.out is None:
+            raise ConfigError("--resume needs --out RUN_DIR, the run to continue")
+        cfg = load_run_config(Path(args.out))
+        if cfg.family != args.family:
+            raise ConfigError(f"{args.out} is a {cfg.family} run, not {args.family}")
+        run_dir = Path(args.out)
+    else:
+        overrides = parse_overrides(args.set)
+        if args.seed is not None:
+            overrides["seed"] = args.seed
+        cfg = make_config(args.family, args.preset, overrides)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(args.out or f"runs/{cfg.family}_{cfg.preset}_s{cfg.seed}_{stamp}")
+    summary = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    print(f"learning curve: {run_dir / 'plots' / 'learning_curve.png'}")
+    print(summary.line(cfg.family, cfg.seed))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import csv
+
+    import torch
+
+    from metapearl.checkpoint import load_agent, load_checkpoint, load_run_config
+    from metapearl.evaluation import meta_test
+    from metapearl.plots import plot_adaptation_curve
+    from metapearl.tasks import get_family
+
+    run_dir = Path(args.run_dir)
+    cfg = load_run_config(run_dir)
+    if args.num_evals is not None:
+        cfg.num_evals = args.num_evals
+    cfg.validate()
+    agent = load_agent(run_dir)
+    state = load_checkpoint(run_dir)
+    family = get_family(cfg.family)
+    tasks = state["test_tasks"]
+    envs = [family.make_env() for _ in range(min(cfg.max_parallel_envs, len(tasks) * cfg.num_evals))]
+    for i, env in enumerate(envs):
+        env.reset(seed=args.seed * 100_003 + i)
+    result = meta_test(agent, family, envs, tasks, cfg, torch.Generator().manual_seed(args.seed))
+    out = run_dir / "eval" / f"meta_test_itr{state['iteration']}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["iteration", "env_steps", "split", "trajectory", "return"])
+        for k, ret in enumerate(result.adaptation_curve(), start=1):
+            writer.writerow([state["iteration"], state["env_steps"], "test", k, repr(float(ret))])
+    png = plot_adaptation_curve(run_dir, out)
+    curve = ", ".join(f"{x:.2f}" for x in result.adaptation_curve())
+    print(f"adaptation curve (return of trajectory k): {curve}")
+    print(f"wrote {out} and {png}")
+    print(f"AverageReturn_all_test_tasks {result.final_return:.2f}, success "
+          f"{result.final_success_rate:.0%} over {len(tasks)} test tasks x {cfg.num_evals} runs "
+          f"(checkpoint after {state['iteration']} iterations, {state['env_steps']} env steps)")
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from metapearl.plots import plot_adaptation_curve, plot_learning_curve
+
+    for run in args.run_dirs:
+        run = Path(run)
+        if not (run / "progress.csv").exists():
+            raise CheckpointError(f"{run} is not a metapearl run (no progress.csv)")
+        print(plot_learning_curve(run))
+        if (run / "eval" / "adaptation.csv").exists():
+            print(plot_adaptation_curve(run))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="metapearl", description="PEARL meta-reinforcement learning (Rakelly et al. 2019).",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="meta-train on a task family",
+                       description="Meta-train PEARL on FAMILY. Writes config.json, progress.csv, "
+                       "eval/adaptation.csv, checkpoints/latest.pt (every iteration) and "
+                       "plots/*.png to the run directory, then prints a one-line summary.")
+    p.add_argument("family", help="task family (see `metapearl tasks`)")
+    p.add_argument("--preset", default="default",
+                   help="default (CPU-sized, ours) or paper (SPEC section 7 exactly)")
+    p.add_argument("--seed", type=int, default=None, help="run seed (default 0)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field; repeatable (`metapearl config FAMILY` lists them)")
+    p.add_argument("--out", default=None, help="run directory (default runs/FAMILY_PRESET_sSEED_TIME)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="meta-test a run's latest checkpoint",
+                       description="Run the meta-test protocol (SPEC section 5) on the run's test "
+                       "tasks and write the adaptation curve to RUN_DIR/eval/.")
+    p.add_argument("run_dir")
+    p.add_argument("--num-evals", type=int, default=None, help="runs per test task")
+    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation's z draws")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("plot", help="redraw a run's plots", description="Write plots/*.png.")
+    p.add_argument("run_dirs", nargs="+")
+    p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("tasks", help="list task families", description="List task families.")
+    p.set_defaults(func=_cmd_tasks)
+
+    p = sub.add_parser("config", help="print a family's config with the meaning of every field",
+                       description="Print every config field, its value and its meaning.")
+    p.add_argument("family")
+    p.add_argument("--preset", default="default")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError) as e:
+        print(f"metapearl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("metapearl: interrupted; the last checkpoint is intact (use --resume)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

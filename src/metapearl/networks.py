@@ -1,0 +1,99 @@
+"""Networks: MLP, an ensemble of MLPs evaluated as one batched module, the tanh-Gaussian policy."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # SPEC section 2
+LAST_LAYER_INIT = 3e-3  # the reference's output-layer init: small first outputs
+
+
+class MLP(nn.Module):
+    """`layers` hidden ReLU layers of width `hidden`, then a linear output. x: (..., in_dim)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, layers: int = 3):
+        super().__init__()
+        dims = [in_dim] + [hidden] * layers
+        mods: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:], strict=True):
+            mods += [nn.Linear(a, b), nn.ReLU()]
+        last = nn.Linear(dims[-1], out_dim)
+        nn.init.uniform_(last.weight, -LAST_LAYER_INIT, LAST_LAYER_INIT)
+        nn.init.uniform_(last.bias, -LAST_LAYER_INIT, LAST_LAYER_INIT)
+        self.net = nn.Sequential(*mods, last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class EnsembleMLP(nn.Module):
+    """`n` independent MLPs of the same shape, run as one chain of batched matmuls.
+
+    Q1 and Q2 live here as one module: one kernel per layer instead of two.
+    forward: x (N, in_dim) -> (n, N, out_dim).
+    """
+
+    def __init__(self, n: int, in_dim: int, hidden: int, out_dim: int, layers: int = 3):
+        super().__init__()
+        dims = [in_dim] + [hidden] * layers + [out_dim]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            bound = LAST_LAYER_INIT if i == len(dims) - 2 else 1.0 / math.sqrt(a)
+            self.weights.append(nn.Parameter(torch.empty(n, a, b).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(n, 1, b).uniform_(-bound, bound)))
+
+    def forward(self, x: torch.Tensor, detach_params: bool = False) -> torch.Tensor:
+        """`detach_params=True` lets gradients reach `x` but not the ensemble's parameters."""
+        h = x
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            if detach_params:
+                w, b = w.detach(), b.detach()
+            h = torch.baddbmm(b, h, w) if h.dim() == 3 else torch.matmul(h, w) + b
+            if i < last:
+                h = F.relu(h)
+        return h
+
+
+def tanh_log_det_jacobian(pre_tanh: torch.Tensor) -> torch.Tensor:
+    """log |d tanh(u)/du| = log(1 - tanh(u)^2), in the overflow-free form 2(log 2 - u - softplus(-2u))."""
+    return 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
+
+
+class TanhGaussianPolicy(nn.Module):
+    """pi(a | s, z) = tanh(N(mu, std^2)); log-std clamped to [-20, 2] (SPEC section 2).
+
+    forward: x (N, obs_dim + latent) -> action (N, act), log_prob (N,), mean (N, act), log_std.
+    """
+
+    def __init__(self, in_dim: int, action_dim: int, hidden: int, layers: int = 3):
+        super().__init__()
+        self.action_dim = action_dim
+        self.net = MLP(in_dim, hidden, 2 * action_dim, layers)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        deterministic: bool = False,
+        generator: torch.Generator | None = None,
+        with_log_prob: bool = True,
+    ):
+        mean, log_std = self.net(x).chunk(2, dim=-1)
+        log_std = log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+        if deterministic:
+            return torch.tanh(mean), None, mean, log_std
+        std = log_std.exp()
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        pre_tanh = mean + std * eps  # reparameterised
+        action = torch.tanh(pre_tanh)
+        log_prob = None
+        if with_log_prob:
+            # Gaussian log-density of pre_tanh, minus log|det J| of the tanh squashing.
+            gauss = -0.5 * eps.pow(2) - log_std - 0.5 * math.log(2.0 * math.pi)
+            log_prob = (gauss - tanh_log_det_jacobian(pre_tanh)).sum(-1)
+        return action, log_prob, mean, log_std

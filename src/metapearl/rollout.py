@@ -1,0 +1,143 @@
+"""Trajectory collection, vectorised over tasks: one environment per task, one policy call per step.
+
+Each *slot* is one environment with its own belief over z. A slot runs whole trajectories until it
+has collected `num_steps` steps; z is drawn from the slot's belief at the start of each trajectory,
+and a callback after each trajectory may add it to buffers and update the belief (SPEC sections 4-5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from metapearl.agent import PEARLAgent
+from metapearl.encoder import sample_z
+
+
+@dataclass
+class Trajectory:
+    """One trajectory; arrays have one row per step."""
+
+    obs: np.ndarray
+    actions: np.ndarray  # normalised to [-1, 1]
+    rewards: np.ndarray  # the critic's reward
+    context_rewards: np.ndarray  # the encoder's and the meta-test's reward
+    next_obs: np.ndarray
+    terminals: np.ndarray  # true termination only (a time limit is not a terminal)
+    success: bool  # info["success"] seen at any step
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    @property
+    def ret(self) -> float:
+        """The return the paper reports: the sum of context (sparse where sparse) rewards."""
+        return float(self.context_rewards.sum())
+
+    def context_rows(self, agent: PEARLAgent, device) -> torch.Tensor:
+        """This trajectory as context rows (len, context_dim)."""
+        t = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)  # noqa: E731
+        return agent.make_context(t(self.obs), t(self.actions), t(self.context_rewards[:, None]),
+                                  t(self.next_obs))
+
+
+class Belief:
+    """Per-slot Gaussian beliefs over z, (slots, latent) each; callbacks overwrite rows."""
+
+    def __init__(self, mu: torch.Tensor, var: torch.Tensor):
+        self.mu, self.var = mu, var
+
+    def set(self, slot: int, mu: torch.Tensor, var: torch.Tensor) -> None:
+        self.mu[slot], self.var[slot] = mu.reshape(-1), var.reshape(-1)
+
+
+class _Recorder:
+    """Preallocated per-slot arrays of the trajectory in progress."""
+
+    def __init__(self, slots: int, horizon: int, obs_dim: int, action_dim: int):
+        self.obs = np.zeros((slots, horizon, obs_dim), np.float32)
+        self.next_obs = np.zeros_like(self.obs)
+        self.actions = np.zeros((slots, horizon, action_dim), np.float32)
+        self.rewards = np.zeros((slots, horizon), np.float32)
+        self.context_rewards = np.zeros_like(self.rewards)
+        self.terminals = np.zeros((slots, horizon), np.float32)
+        self.success = np.zeros(slots, bool)
+
+    def take(self, i: int, length: int) -> Trajectory:
+        traj = Trajectory(
+            self.obs[i, :length].copy(), self.actions[i, :length].copy(),
+            self.rewards[i, :length].copy(), self.context_rewards[i, :length].copy(),
+            self.next_obs[i, :length].copy(), self.terminals[i, :length].copy(),
+            bool(self.success[i]),
+        )
+        self.success[i] = False
+        return traj
+
+
+def collect(
+    agent: PEARLAgent,
+    envs: Sequence[gym.Env],
+    belief: Belief,
+    num_steps: int,
+    max_path_length: int,
+    deterministic: bool,
+    generator: torch.Generator | None,
+    on_trajectory: Callable[[int, Trajectory], None] | None = None,
+) -> list[list[Trajectory]]:
+    """Run whole trajectories in every env until each has at least `num_steps` steps.
+
+    Returns, per slot, its trajectories in order. `on_trajectory(slot, traj)` runs as each one
+    ends, before the slot's next z is drawn, so it may update `belief`.
+    """
+    n = len(envs)
+    obs_dim = agent.obs_dim
+    rec = _Recorder(n, max_path_length, obs_dim, agent.action_dim)
+    obs = np.zeros((n, obs_dim), np.float32)
+    z = torch.zeros(n, agent.latent_size, device=belief.mu.device)
+    steps = np.zeros(n, np.int64)
+    t = np.zeros(n, np.int64)
+    active = np.ones(n, bool)
+    out: list[list[Trajectory]] = [[] for _ in range(n)]
+
+    def start(slots: list[int]) -> None:
+        for i in slots:
+            obs[i] = envs[i].reset()[0]
+        idx = torch.as_tensor(slots, device=z.device)
+        z[idx] = sample_z(belief.mu[idx], belief.var[idx], generator)
+
+    start(list(range(n)))
+    while active.any():
+        live = np.flatnonzero(active)
+        actions = agent.act_batch(obs[live], z[torch.as_tensor(live, device=z.device)],
+                                  deterministic, generator)
+        env_actions = agent.to_env_action(actions)
+        restart = []
+        for j, i in enumerate(live):
+            next_obs, reward, terminated, truncated, info = envs[i].step(env_actions[j])
+            k = t[i]
+            rec.obs[i, k], rec.actions[i, k], rec.next_obs[i, k] = obs[i], actions[j], next_obs
+            rec.rewards[i, k] = reward
+            rec.context_rewards[i, k] = info.get("sparse_reward", reward)
+            rec.terminals[i, k] = float(terminated)
+            rec.success[i] |= bool(info.get("success", False))
+            t[i] += 1
+            steps[i] += 1
+            if terminated or truncated or t[i] >= max_path_length:
+                traj = rec.take(i, int(t[i]))
+                t[i] = 0
+                out[i].append(traj)
+                if on_trajectory is not None:
+                    on_trajectory(int(i), traj)
+                if steps[i] >= num_steps:
+                    active[i] = False
+                else:
+                    restart.append(int(i))
+            else:
+                obs[i] = next_obs
+        if restart:
+            start(restart)
+    return out

@@ -1,0 +1,339 @@
+"""Meta-training (SPEC section 4, Algorithm 1): collect, train, evaluate, log, checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from metapearl.agent import PEARLAgent
+from metapearl.buffers import TaskReplayBuffer, sample_context
+from metapearl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from metapearl.config import PEARLConfig
+from metapearl.evaluation import EvalResult, meta_test, offline_test
+from metapearl.logging import ProgressLog, column, read_progress
+from metapearl.rollout import Belief, Trajectory, collect
+from metapearl.sac import STAT_NAMES, Critics, PEARLUpdate
+from metapearl.tasks import get_family
+
+
+@dataclass
+class Summary:
+    """The outcome of a training run."""
+
+    run_dir: Path
+    iterations: int
+    env_steps: int
+    wall_seconds: float
+    final_test_return: float
+    best_test_return: float
+    final_test_success: float
+
+    def line(self, family: str, seed: int) -> str:
+        minutes, seconds = divmod(int(self.wall_seconds), 60)
+        return (
+            f"metapearl {family} seed {seed}: AverageReturn_all_test_tasks "
+            f"{self.final_test_return:.2f} (best {self.best_test_return:.2f}), "
+            f"success {self.final_test_success:.0%}, after {self.iterations} iterations, "
+            f"{self.env_steps} env steps, {minutes}m{seconds:02d}s; run dir {self.run_dir}"
+        )
+
+
+def task_waves(tasks: list[int]) -> list[list[int]]:
+    """Split a draw of tasks (with repeats) into waves of distinct tasks, keeping each task's order.
+
+    Collecting the waves one after another, tasks side by side inside a wave, leaves the buffers as
+    collecting the draw sequentially would (a repeated task clears its encoder buffer again).
+    """
+    waves: list[list[int]] = []
+    for t in tasks:
+        for wave in waves:
+            if t not in wave:
+                wave.append(t)
+                break
+        else:
+            waves.append([t])
+    return waves
+
+
+def _box(space: gym.Space, what: str) -> gym.spaces.Box:
+    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+        raise ValueError(f"PEARL needs a 1-D Box {what} space, got {space}")
+    return space
+
+
+class Trainer:
+    """Owns a run: its generators, tasks, environments, networks, buffers and run directory."""
+
+    def __init__(self, cfg: PEARLConfig, run_dir: str | Path, resume: bool = False,
+                 progress: bool = True):
+        self.cfg = cfg.validate()
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.device = torch.device(cfg.device)
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        # the run's two generators: every random draw of the run comes from them
+        self.rng = np.random.default_rng(cfg.seed)
+        self.gen = torch.Generator(self.device).manual_seed(cfg.seed)
+        self.family = get_family(cfg.family)
+        self.train_tasks, self.test_tasks = self.family.sample_tasks(
+            cfg.num_train_tasks, cfg.num_test_tasks, self.rng
+        )
+        n_envs = min(cfg.max_parallel_envs,
+                     max(cfg.num_train_tasks, cfg.num_test_tasks * cfg.num_evals))
+        self.envs = [self.family.make_env() for _ in range(n_envs)]
+        for env in self.envs:
+            env.reset(seed=int(self.rng.integers(2**31)))
+        obs_space = _box(self.envs[0].observation_space, "observation")
+        act_space = _box(self.envs[0].action_space, "action")
+        obs_dim, act_dim = obs_space.shape[0], act_space.shape[0]
+        self.agent_meta = {"obs_dim": obs_dim, "action_dim": act_dim,
+                           "action_low": act_space.low.tolist(),
+                           "action_high": act_space.high.tolist()}
+        with torch.random.fork_rng(devices=[]):  # seeded init, global RNG left untouched
+            torch.manual_seed(cfg.seed)
+            self.agent = PEARLAgent.from_config(cfg, obs_dim, act_dim, act_space.low,
+                                                act_space.high).to(self.device)
+            self.critics = Critics(obs_dim, act_dim, cfg.latent_size, cfg.net_size).to(self.device)
+        self.update = PEARLUpdate(self.agent, self.critics, cfg)
+        self.rl_buffer = TaskReplayBuffer(cfg.num_train_tasks, obs_dim, act_dim,
+                                          cfg.replay_buffer_size, self.device)
+        self.enc_buffer = TaskReplayBuffer(cfg.num_train_tasks, obs_dim, act_dim,
+                                           cfg.replay_buffer_size, self.device)
+        self.iteration = 0
+        self.env_steps = 0
+        self.train_steps = 0
+        self.wall_seconds = 0.0
+        self._prepare_run_dir(resume)
+
+    # --- run directory --------------------------------------------------------------------------
+    def _prepare_run_dir(self, resume: bool) -> None:
+        cfg_path = self.run_dir / "config.json"
+        if resume:
+            self._restore(load_checkpoint(self.run_dir, self.device))
+        else:
+            if cfg_path.exists():
+                raise CheckpointError(
+                    f"{self.run_dir} already holds a run; pass --resume to continue it or choose "
+                    "another --out"
+                )
+            try:
+                (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)
+                cfg_path.write_text(self.cfg.to_json() + "\n")
+            except OSError as e:
+                raise CheckpointError(f"cannot write the run directory {self.run_dir}: {e}") from None
+        self.log = ProgressLog(self.run_dir / "progress.csv")
+        self.log.truncate(self.iteration)
+
+    def state_dict(self) -> dict:
+        return {
+            "config": self.cfg.to_dict(),
+            "iteration": self.iteration, "env_steps": self.env_steps,
+            "train_steps": self.train_steps, "wall_seconds": self.wall_seconds,
+            "agent_meta": self.agent_meta,
+            "agent": self.agent.state_dict(), "critics": self.critics.state_dict(),
+            "optimizer": self.update.optimizer.state_dict(),
+            "rl_buffer": self.rl_buffer.state_dict(), "enc_buffer": self.enc_buffer.state_dict(),
+            "train_tasks": self.train_tasks, "test_tasks": self.test_tasks,
+            "numpy_rng": self.rng.bit_generator.state, "torch_rng": self.gen.get_state(),
+            "env_rngs": [env.unwrapped.np_random.bit_generator.state for env in self.envs],
+        }
+
+    def _restore(self, state: dict) -> None:
+        if state["config"] != self.cfg.to_dict():
+            changed = sorted(k for k in state["config"]
+                             if state["config"][k] != self.cfg.to_dict().get(k))
+            raise CheckpointError(f"the checkpoint was written with another config ({changed})")
+        self.iteration, self.env_steps = state["iteration"], state["env_steps"]
+        self.train_steps, self.wall_seconds = state["train_steps"], state["wall_seconds"]
+        self.agent.load_state_dict(state["agent"])
+        self.critics.load_state_dict(state["critics"])
+        self.update.optimizer.load_state_dict(state["optimizer"])
+        self.rl_buffer.load_state_dict(state["rl_buffer"])
+        self.enc_buffer.load_state_dict(state["enc_buffer"])
+        self.train_tasks, self.test_tasks = state["train_tasks"], state["test_tasks"]
+        self.rng.bit_generator.state = state["numpy_rng"]
+        self.gen.set_state(state["torch_rng"])
+        for env, s in zip(self.envs, state["env_rngs"], strict=True):
+            env.unwrapped.np_random.bit_generator.state = s
+
+    # --- data collection (SPEC section 4) -------------------------------------------------------
+    def _context(self, tasks: list[int]) -> torch.Tensor:
+        """Context rows (len(tasks), embedding_batch_size, context_dim) for inference in a task."""
+        idx = torch.as_tensor(tasks, device=self.device)
+        source = self.enc_buffer if self.cfg.context_sampler == "recent" else self.rl_buffer
+        b = source.sample(idx, self.cfg.embedding_batch_size, self.gen)
+        return self.agent.make_context(b.obs, b.actions, b.context_rewards, b.next_obs)
+
+    @torch.no_grad()
+    def _collect(self, tasks: list[int], num_steps: int, posterior: bool, to_encoder: bool) -> int:
+        """Collect >= num_steps in each of `tasks` (distinct) side by side; returns steps taken.
+
+        z ~ prior, resampled every trajectory; with `posterior`, z ~ q(z|c) inferred from the
+        task's encoder buffer at the start and re-inferred every `update_post_train` trajectories.
+        """
+        if num_steps <= 0:
+            return 0
+        envs = self.envs[:len(tasks)]
+        for env, t in zip(envs, tasks, strict=True):
+            self.family.set_task(env, self.train_tasks[t])
+        has_context = [self.enc_buffer.sizes[t] > 0 for t in tasks]
+        belief = Belief(*self.agent.prior(len(tasks)))
+        if posterior and any(has_context):
+            with_ctx = [i for i, h in enumerate(has_context) if h]
+            mu, var = self.agent.posterior(self._context([tasks[i] for i in with_ctx]))
+            belief.mu[with_ctx], belief.var[with_ctx] = mu, var
+        trajectories = [0] * len(tasks)
+
+        def store(i: int, traj: Trajectory) -> None:
+            t = tasks[i]
+            rows = self.rl_buffer.rows(traj.obs, traj.actions, traj.rewards, traj.context_rewards,
+                                       traj.next_obs, traj.terminals)
+            self.rl_buffer.add(t, rows)
+            if to_encoder:
+                self.enc_buffer.add(t, rows)
+            trajectories[i] += 1
+            if posterior and trajectories[i] % self.cfg.update_post_train == 0:
+                belief.set(i, *self.agent.posterior(self._context([t])))
+
+        out = collect(self.agent, envs, belief, num_steps, self.cfg.max_path_length,
+                      deterministic=False, generator=self.gen, on_trajectory=store)
+        return sum(len(traj) for slot in out for traj in slot)
+
+    def collect_iteration_data(self) -> int:
+        """Steps 1-2 of Algorithm 1 for the current iteration; returns env steps taken."""
+        cfg = self.cfg
+        steps = 0
+        if self.iteration == 0:
+            everyone = list(range(cfg.num_train_tasks))
+            for i in range(0, len(everyone), len(self.envs)):
+                wave = everyone[i:i + len(self.envs)]
+                steps += self._collect(wave, cfg.num_initial_steps, False, True)
+        draw = self.rng.integers(cfg.num_train_tasks, size=cfg.num_tasks_sample).tolist()
+        for wave in task_waves(draw):
+            for i in range(0, len(wave), len(self.envs)):
+                part = wave[i:i + len(self.envs)]
+                for t in part:
+                    self.enc_buffer.clear(t)
+                steps += self._collect(part, cfg.num_steps_prior, False, True)
+                steps += self._collect(part, cfg.num_steps_posterior, True, True)
+                steps += self._collect(part, cfg.num_extra_rl_steps_posterior, True, False)
+        return steps
+
+    # --- gradient steps (SPEC section 3) --------------------------------------------------------
+    def train_steps_for_iteration(self) -> torch.Tensor:
+        cfg = self.cfg
+        total = torch.zeros(len(STAT_NAMES), device=self.device)
+        for _ in range(cfg.num_train_steps_per_itr):
+            tasks = torch.randint(cfg.num_train_tasks, (cfg.meta_batch,), generator=self.gen,
+                                  device=self.device)
+            rl = self.rl_buffer.sample(tasks, cfg.batch_size, self.gen)
+            context = sample_context(cfg.context_sampler, self.rl_buffer, self.enc_buffer, tasks,
+                                     cfg.embedding_batch_size, self.gen, rl)
+            total += self.update.step(rl, context, self.gen)
+        self.train_steps += cfg.num_train_steps_per_itr
+        return total / max(cfg.num_train_steps_per_itr, 1)
+
+    # --- evaluation (SPEC section 5) ------------------------------------------------------------
+    def evaluate(self) -> tuple[dict[str, float], dict[str, EvalResult]]:
+        cfg = self.cfg
+        self.agent.eval()
+        test = meta_test(self.agent, self.family, self.envs, self.test_tasks, cfg, self.gen)
+        count = cfg.num_test_tasks if cfg.num_eval_train_tasks < 0 else cfg.num_eval_train_tasks
+        subset = self.rng.choice(cfg.num_train_tasks, size=min(count, cfg.num_train_tasks),
+                                 replace=False).tolist()
+        subset_tasks = [self.train_tasks[t] for t in subset]
+        train = meta_test(self.agent, self.family, self.envs, subset_tasks, cfg, self.gen)
+        offline = offline_test(self.agent, self.family, self.envs, subset_tasks,
+                               lambda slots: self._context([subset[s] for s in slots]), cfg,
+                               self.gen)
+        self.agent.train()
+        metrics = {
+            "AverageReturn_all_test_tasks": test.final_return,
+            "AverageReturn_all_train_tasks": train.final_return,
+            "AverageTrainReturn_all_train_tasks": offline.mean_return,
+            "SuccessRate_test_tasks": test.final_success_rate,
+            "SuccessRate_train_tasks": train.final_success_rate,
+        }
+        return metrics, {"test": test, "train": train}
+
+    def _write_adaptation(self, results: dict[str, EvalResult]) -> None:
+        path = self.run_dir / "eval" / "adaptation.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["iteration", "env_steps", "split", "trajectory", "return"])
+            for split, result in results.items():
+                for k, ret in enumerate(result.adaptation_curve(), start=1):
+                    writer.writerow([self.iteration, self.env_steps, split, k, repr(float(ret))])
+
+    # --- the loop -------------------------------------------------------------------------------
+    def train(self) -> Summary:
+        """Run the remaining iterations; write progress.csv, checkpoints and plots."""
+        cfg = self.cfg
+        last_return = float("nan")
+        bar = tqdm(range(self.iteration, cfg.num_iterations), initial=self.iteration,
+                   total=cfg.num_iterations, disable=not self.progress, desc=cfg.family,
+                   unit="itr", dynamic_ncols=True)
+        for it in bar:
+            self.iteration = it
+            t0 = time.perf_counter()
+            self.env_steps += self.collect_iteration_data()
+            t1 = time.perf_counter()
+            stats = self.train_steps_for_iteration().tolist()
+            t2 = time.perf_counter()
+            metrics: dict[str, float | None] = dict.fromkeys(
+                ["AverageReturn_all_test_tasks", "AverageReturn_all_train_tasks",
+                 "AverageTrainReturn_all_train_tasks", "SuccessRate_test_tasks",
+                 "SuccessRate_train_tasks"])
+            if it % cfg.eval_interval == 0 or it == cfg.num_iterations - 1:
+                evaluated, results = self.evaluate()
+                metrics.update(evaluated)
+                self._write_adaptation(results)
+                last_return = evaluated["AverageReturn_all_test_tasks"]
+            t3 = time.perf_counter()
+            self.wall_seconds += t3 - t0
+            row = {"Iteration": it, "Number of env steps total": self.env_steps,
+                   "Number of train steps total": self.train_steps, **metrics,
+                   **dict(zip(STAT_NAMES, stats, strict=True)),
+                   "Time/collect_s": t1 - t0, "Time/train_s": t2 - t1, "Time/eval_s": t3 - t2,
+                   "Time/total_s": self.wall_seconds}
+            self.log.write(row)
+            self.iteration = it + 1
+            save_checkpoint(self.run_dir, self.state_dict())
+            bar.set_postfix(test_return=f"{last_return:.2f}", steps=self.env_steps)
+        bar.close()
+        self.make_plots()
+        return self.summary()
+
+    def summary(self) -> Summary:
+        """Final and best logged meta-test figures of the run (from progress.csv)."""
+        rows = read_progress(self.run_dir / "progress.csv")
+        rets = [x for x in column(rows, "AverageReturn_all_test_tasks") if x == x]
+        succ = [x for x in column(rows, "SuccessRate_test_tasks") if x == x]
+        nan = float("nan")
+        return Summary(self.run_dir, self.iteration, self.env_steps, self.wall_seconds,
+                       rets[-1] if rets else nan, max(rets) if rets else nan,
+                       succ[-1] if succ else nan)
+
+    def make_plots(self) -> None:
+        from metapearl.plots import plot_adaptation_curve, plot_learning_curve
+
+        if (self.run_dir / "progress.csv").exists():
+            plot_learning_curve(self.run_dir)
+        if (self.run_dir / "eval" / "adaptation.csv").exists():
+            plot_adaptation_curve(self.run_dir)
+
+
+def train(cfg: PEARLConfig, run_dir: str | Path, resume: bool = False,
+          progress: bool = True) -> Summary:
+    """Train PEARL with `cfg`, writing the run to `run_dir`; returns the summary."""
+    return Trainer(cfg, run_dir, resume=resume, progress=progress).train()

@@ -1,0 +1,21 @@
+import pytest
+
+from metapearl.config import make_config
+
+TINY = dict(
+    num_train_tasks=6, num_test_tasks=3, net_size=16, encoder_size=16, latent_size=3,
+    meta_batch=4, batch_size=8, embedding_batch_size=8, num_iterations=2, num_initial_steps=20,
+    num_tasks_sample=2, num_steps_prior=20, num_steps_posterior=20,
+    num_extra_rl_steps_posterior=20, num_train_steps_per_itr=3, num_steps_per_eval=40,
+    num_evals=1, max_path_length=10,
+)
+
+
+@pytest.fixture
+def tiny_config():
+    """A config small enough for a whole run to take about a second."""
+
+    def make(family="point-robot", **overrides):
+        return make_config(family, "default", {**TINY, **overrides})
+
+    return make

@@ -1,0 +1,78 @@
+import json
+
+import pytest
+
+from metapearl.cli import main
+from metapearl.config import PEARLConfig, make_config
+
+# SPEC section 7, written out here independently of the preset table.
+SPEC_DEFAULTS = dict(latent_size=5, net_size=300, encoder_size=200, batch_size=256, lr=3e-4,
+                     soft_target_tau=0.005, discount=0.99, reward_scale=5.0, kl_lambda=0.1,
+                     num_iterations=500, num_tasks_sample=5, num_steps_posterior=0,
+                     update_post_train=1, num_steps_per_eval=600, num_evals=2,
+                     num_exp_traj_eval=1)
+SPEC_PAPER = {
+    "point-robot": dict(num_train_tasks=80, num_test_tasks=20, meta_batch=16,
+                        num_initial_steps=200, num_steps_prior=200, num_steps_posterior=0,
+                        num_extra_rl_steps_posterior=200, num_train_steps_per_itr=1000,
+                        embedding_batch_size=64, reward_scale=100.0, max_path_length=20,
+                        num_steps_per_eval=60),
+    "sparse-point-robot": dict(num_train_tasks=80, num_test_tasks=20, meta_batch=16,
+                               num_initial_steps=200, num_steps_prior=100,
+                               num_steps_posterior=900, num_extra_rl_steps_posterior=0,
+                               num_train_steps_per_itr=1000, embedding_batch_size=1024,
+                               discount=0.9, reward_scale=100.0, kl_lambda=1.0,
+                               num_tasks_sample=10, num_steps_per_eval=400, num_exp_traj_eval=5,
+                               max_path_length=20),
+}
+
+
+@pytest.mark.parametrize("family", sorted(SPEC_PAPER))
+def test_paper_preset_is_spec_section_7(family):
+    cfg = make_config(family, "paper").to_dict()
+    for key, value in {**SPEC_DEFAULTS, **SPEC_PAPER[family]}.items():
+        assert cfg[key] == value, key
+    assert cfg["use_information_bottleneck"] and not cfg["use_next_obs_in_context"]
+
+
+def test_overrides_are_typed_and_checked():
+    cfg = make_config("point-robot", "default",
+                      {"kl_lambda": "0.5", "num_iterations": "7", "use_next_obs_in_context": "true"})
+    assert cfg.kl_lambda == 0.5 and cfg.num_iterations == 7 and cfg.use_next_obs_in_context
+    for bad, match in [({"kl_lamda": "1"}, "unknown config key 'kl_lamda'"),
+                       ({"num_iterations": "ten"}, "must be of type int"),
+                       ({"num_iterations": "2.5"}, "must be of type int"),
+                       ({"meta_batch": "0"}, "meta_batch must be >= 1"),
+                       ({"discount": "1.5"}, "discount must be in"),
+                       ({"lr": "nan"}, "must be of type float"),
+                       ({"context_sampler": "weird"}, "context_sampler must be one of")]:
+        with pytest.raises(ValueError, match=match):
+            make_config("point-robot", "default", bad)
+
+
+def test_config_json_round_trip():
+    cfg = make_config("sparse-point-robot", "paper", {"seed": "3"})
+    again = PEARLConfig.from_dict(json.loads(cfg.to_json()))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "no-such-family"], "unknown task family 'no-such-family'"),
+    (["train", "point-robot", "--preset", "huge"], "unknown preset 'huge'"),
+    (["train", "point-robot", "--set", "batch_size"], "--set expects key=value"),
+    (["train", "point-robot", "--set", "batchsize=3"], "unknown config key"),
+    (["eval", "/nonexistent/run"], "is not a metapearl run"),
+])
+def test_cli_bad_input_gets_one_clear_error(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_tasks_and_config(capsys):
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    assert "point-robot" in out and "sparse-point-robot" in out and "20" in out
+    assert main(["config", "point-robot", "--preset", "paper"]) == 0
+    out = capsys.readouterr().out
+    assert "num_train_steps_per_itr" in out and "1000" in out

@@ -1,0 +1,72 @@
+import math
+
+import torch
+
+from metapearl.encoder import ContextEncoder, kl_to_standard_normal, product_of_gaussians
+
+
+def test_product_of_two_gaussians_known_answer():
+    # N(1, 1) x N(3, 1): precision 2 -> var 0.5, mean (1 + 3) / 2 = 2.
+    # N(0, 4) x N(6, 2): precision 1/4 + 1/2 = 3/4 -> var 4/3, mean (0/4 + 6/2) * 4/3 = 4.
+    mu = torch.tensor([[[1.0, 0.0], [3.0, 6.0]]])
+    var = torch.tensor([[[1.0, 4.0], [1.0, 2.0]]])
+    post_mu, post_var = product_of_gaussians(mu, var)
+    torch.testing.assert_close(post_mu, torch.tensor([[2.0, 4.0]]))
+    torch.testing.assert_close(post_var, torch.tensor([[0.5, 4.0 / 3.0]]))
+
+
+def test_product_is_permutation_invariant_and_masked_rows_are_ignored():
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(2, 7, 3, generator=g)
+    var = torch.rand(2, 7, 3, generator=g) + 0.1
+    perm = torch.randperm(7, generator=g)
+    a = product_of_gaussians(mu, var)
+    b = product_of_gaussians(mu[:, perm], var[:, perm])
+    torch.testing.assert_close(a, b)
+    mask = torch.ones(2, 7)
+    mask[:, 4:] = 0
+    masked = product_of_gaussians(mu, var, mask)
+    torch.testing.assert_close(masked, product_of_gaussians(mu[:, :4], var[:, :4]))
+
+
+def test_empty_context_gives_the_prior():
+    mu, var = product_of_gaussians(torch.randn(1, 3, 2), torch.ones(1, 3, 2), torch.zeros(1, 3))
+    torch.testing.assert_close(mu, torch.zeros(1, 2))
+    torch.testing.assert_close(var, torch.ones(1, 2))
+    enc = ContextEncoder(4, 2, 8, information_bottleneck=True)
+    mu, var = enc(torch.zeros(3, 0, 4))
+    assert torch.equal(mu, torch.zeros(3, 2)) and torch.equal(var, torch.ones(3, 2))
+
+
+def test_kl_to_standard_normal_matches_numerical_integral():
+    mu, var = 1.0, 2.0
+    # closed form by hand: 0.5 * (2 + 1 - 1 - ln 2)
+    expected = 0.5 * (2.0 - math.log(2.0))
+    x = torch.linspace(-20, 20, 200_001, dtype=torch.float64)
+    q = torch.exp(-0.5 * (x - mu) ** 2 / var) / math.sqrt(2 * math.pi * var)
+    p = torch.exp(-0.5 * x**2) / math.sqrt(2 * math.pi)
+    numeric = torch.trapezoid(q * (q.log() - p.log()), x).item()
+    got = kl_to_standard_normal(torch.tensor(mu), torch.tensor(var)).item()
+    assert abs(got - expected) < 1e-6
+    assert abs(got - numeric) < 1e-5
+    assert kl_to_standard_normal(torch.zeros(3), torch.ones(3)).abs().max() == 0
+
+
+def test_deterministic_encoder_is_the_mean_of_outputs_with_zero_variance():
+    torch.manual_seed(0)
+    enc = ContextEncoder(4, 3, 8, information_bottleneck=False)
+    ctx = torch.randn(2, 5, 4)
+    mu, var = enc(ctx)
+    torch.testing.assert_close(mu, enc.net(ctx).mean(dim=1))
+    assert torch.equal(var, torch.zeros(2, 3))
+    assert torch.equal(enc(ctx)[0], mu)  # identical context -> identical z
+
+
+def test_encoder_variance_is_softplus_of_raw_output_clamped():
+    torch.manual_seed(0)
+    enc = ContextEncoder(4, 2, 8, information_bottleneck=True)
+    ctx = torch.randn(1, 1, 4)
+    raw = enc.net(ctx)
+    mu, var = enc(ctx)  # one factor: the posterior is that factor
+    torch.testing.assert_close(mu, raw[..., :2].reshape(1, 2))
+    torch.testing.assert_close(var, torch.nn.functional.softplus(raw[..., 2:]).reshape(1, 2))

@@ -1,0 +1,111 @@
+import csv
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metapearl import PEARLAgent, Trainer, register_family, train
+from metapearl.cli import main
+from metapearl.logging import read_progress
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _numbers(run_dir):
+    """progress.csv without the wall-clock columns."""
+    return [{k: v for k, v in r.items() if not k.startswith("Time/")}
+            for r in read_progress(run_dir / "progress.csv")]
+
+
+@pytest.mark.parametrize("family", ["point-robot", "sparse-point-robot"])
+def test_short_run_writes_the_run_directory(family, tiny_config, tmp_path):
+    cfg = tiny_config(family)
+    summary = train(cfg, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    for path in ["config.json", "progress.csv", "checkpoints/latest.pt", "eval/adaptation.csv",
+                 "plots/learning_curve.png", "plots/adaptation_curve.png"]:
+        assert (run / path).exists(), path
+    rows = read_progress(run / "progress.csv")
+    assert [int(r["Iteration"]) for r in rows] == [0, 1]
+    for col in ["AverageReturn_all_test_tasks", "AverageReturn_all_train_tasks",
+                "Number of env steps total", "SuccessRate_test_tasks", "Loss/qf", "Loss/kl",
+                "Z/mean_abs", "Z/variance", "Time/train_s"]:
+        assert rows[-1][col] != "", col
+    assert summary.iterations == 2 and np.isfinite(summary.final_test_return)
+    assert int(rows[-1]["Number of env steps total"]) == summary.env_steps > 0
+
+
+def test_same_seed_gives_identical_progress(tiny_config, tmp_path):
+    train(tiny_config(seed=7), tmp_path / "a", progress=False)
+    train(tiny_config(seed=7), tmp_path / "b", progress=False)
+    train(tiny_config(seed=8), tmp_path / "c", progress=False)
+    assert _numbers(tmp_path / "a") == _numbers(tmp_path / "b")
+    assert _numbers(tmp_path / "a") != _numbers(tmp_path / "c")
+
+
+def test_interrupted_run_resumes_to_the_same_numbers(tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config(num_iterations=4)
+    train(cfg, tmp_path / "whole", progress=False)
+
+    import metapearl.trainer as trainer_mod
+
+    real_save, saved = trainer_mod.save_checkpoint, []
+
+    def save_then_die(run_dir, state):
+        real_save(run_dir, state)
+        saved.append(1)
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
+    assert len(read_progress(tmp_path / "cut" / "progress.csv")) == 2
+    with pytest.raises(Exception, match="already holds a run"):
+        Trainer(cfg, tmp_path / "cut", progress=False)
+    train(cfg, tmp_path / "cut", resume=True, progress=False)
+    assert _numbers(tmp_path / "cut") == _numbers(tmp_path / "whole")
+
+
+def test_cli_train_eval_and_deployment(tmp_path, capsys):
+    run = tmp_path / "run"
+    sets = ["num_train_tasks=6", "num_test_tasks=3", "net_size=16", "encoder_size=16",
+            "meta_batch=4", "batch_size=8", "num_iterations=2", "num_initial_steps=20",
+            "num_tasks_sample=2", "num_steps_prior=20", "num_extra_rl_steps_posterior=20",
+            "num_train_steps_per_itr=3", "num_evals=1"]
+    argv = ["train", "point-robot", "--seed", "1", "--out", str(run), "--no-progress"]
+    assert main(argv + [a for s in sets for a in ("--set", s)]) == 0
+    out = capsys.readouterr().out
+    assert "learning_curve.png" in out and "AverageReturn_all_test_tasks" in out
+    assert (run / "plots" / "learning_curve.png").stat().st_size > 10_000
+    assert main(["eval", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "adaptation curve" in out and (run / "eval" / "meta_test_itr2.csv").exists()
+    with (run / "eval" / "meta_test_itr2.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 3  # 60 eval steps of 20-step trajectories
+    agent = PEARLAgent.load(run)
+    agent.reset()
+    agent.sample_z()
+    action = agent.act(np.zeros(2, np.float32))
+    assert action.shape == (2,) and np.all(np.abs(action) <= 0.1)
+    assert main(["train", "point-robot", "--out", str(run), "--no-progress"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_user_defined_family_from_the_readme_trains(tiny_config, tmp_path):
+    spec = importlib.util.spec_from_file_location("pendulum_gravity",
+                                                  ROOT / "examples" / "pendulum_gravity.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    source = inspect.getsource(module.PendulumGravity)
+    assert source in (ROOT / "README.md").read_text()  # the README shows exactly this code
+    assert len(source.strip().splitlines()) <= 20
+    register_family(module.PendulumGravity())
+    summary = train(tiny_config("pendulum-gravity"), tmp_path / "pend", progress=False)
+    assert summary.iterations == 2 and np.isfinite(summary.final_test_return)
+    assert (tmp_path / "pend" / "plots" / "learning_curve.png").exists()

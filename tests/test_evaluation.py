@@ -1,0 +1,100 @@
+import numpy as np
+import pytest
+import torch
+
+from metapearl.agent import PEARLAgent
+from metapearl.evaluation import meta_test
+from metapearl.rollout import Belief, collect
+from metapearl.tasks import get_family
+
+
+def _agent(cfg, seed=0):
+    torch.manual_seed(seed)
+    return PEARLAgent.from_config(cfg, 2, 2, [-0.1, -0.1], [0.1, 0.1])
+
+
+def test_collect_runs_whole_trajectories_until_the_step_count(tiny_config):
+    cfg = tiny_config()
+    fam = get_family("point-robot")
+    envs = [fam.make_env() for _ in range(3)]
+    for i, e in enumerate(envs):
+        fam.set_task(e, {"goal": [0.0, 0.0]})
+        e.reset(seed=i)
+    agent = _agent(cfg)
+    seen = []
+    out = collect(agent, envs, Belief(*agent.prior(3)), 25, 10, False,
+                  torch.Generator().manual_seed(0), lambda i, t: seen.append((i, len(t))))
+    assert [len(slot) for slot in out] == [3, 3, 3]  # 25 steps -> three whole 10-step paths
+    assert len(seen) == 9 and all(n == 10 for _, n in seen)
+    traj = out[0][0]
+    np.testing.assert_allclose(traj.obs[1:], traj.next_obs[:-1])
+    assert np.all(np.abs(traj.actions) <= 1)
+
+
+def test_deterministic_eval_policy_is_tanh_of_the_mean(tiny_config):
+    cfg = tiny_config()
+    agent = _agent(cfg)
+    obs = np.random.default_rng(0).normal(size=(5, 2)).astype(np.float32)
+    z = torch.randn(5, cfg.latent_size)
+    a1 = agent.act_batch(obs, z, True, torch.Generator().manual_seed(0))
+    a2 = agent.act_batch(obs, z, True, torch.Generator().manual_seed(1))
+    np.testing.assert_array_equal(a1, a2)
+    mean = agent.policy.net(torch.cat([torch.as_tensor(obs), z], -1))[:, :2]
+    np.testing.assert_allclose(a1, torch.tanh(mean).detach().numpy(), rtol=1e-6)
+    s1 = agent.act_batch(obs, z, False, torch.Generator().manual_seed(0))
+    s2 = agent.act_batch(obs, z, False, torch.Generator().manual_seed(1))
+    assert not np.array_equal(s1, s2)
+
+
+@pytest.mark.parametrize("side_by_side", [1, 2])
+def test_belief_does_not_leak_between_test_tasks(tiny_config, side_by_side):
+    # deterministic encoder + deterministic policy + fixed start: everything is reproducible, so
+    # task B must give the same returns whether it is evaluated alone or after task A.
+    cfg = tiny_config(family="sparse-point-robot", use_information_bottleneck=False,
+                      num_steps_per_eval=30, num_exp_traj_eval=1)
+    fam = get_family("sparse-point-robot")
+    agent = _agent(cfg, seed=1)
+    task_a, task_b = {"goal": [1.0, 0.0]}, {"goal": [-1.0, 0.0]}
+    envs = [fam.make_env() for _ in range(side_by_side)]  # 1: one after another; 2: together
+    both = meta_test(agent, fam, envs, [task_a, task_b], cfg, None)
+    alone = meta_test(agent, fam, envs, [task_b], cfg, None)
+    assert both.returns[1] == alone.returns[0]
+    assert len(both.returns[0]) == 3  # 30 steps of 10-step trajectories
+
+
+def test_adaptation_uses_the_posterior_after_the_exploration_trajectories(tiny_config):
+    cfg = tiny_config(num_steps_per_eval=40, num_exp_traj_eval=2)
+    fam = get_family("point-robot")
+    agent = _agent(cfg)
+    envs = [fam.make_env()]
+    envs[0].reset(seed=0)
+    calls = []
+    original = agent.posterior
+
+    def spy(context, mask=None):
+        calls.append(context.shape[1])
+        return original(context, mask)
+
+    agent.posterior = spy
+    result = meta_test(agent, fam, envs, [{"goal": [0.3, 0.3]}], cfg, None)
+    # trajectories of 10 steps: posterior after the 2nd, 3rd, 4th, from all context so far
+    assert calls == [20, 30, 40]
+    assert len(result.adaptation_curve()) == 4
+
+
+def test_deployment_agent_resets_its_belief(tiny_config):
+    cfg = tiny_config()
+    agent = _agent(cfg)
+    for _ in range(5):
+        agent.observe([0.1, 0.2], [0.05, -0.05], -1.0, [0.15, 0.15])
+    agent.infer_posterior()
+    assert agent.context.shape == (1, 5, agent.context_dim)
+    assert not torch.equal(agent.belief_var, torch.ones(1, cfg.latent_size))
+    agent.reset()
+    assert agent.context.shape[1] == 0
+    assert torch.equal(agent.belief_mu, torch.zeros(1, cfg.latent_size))
+    assert torch.equal(agent.belief_var, torch.ones(1, cfg.latent_size))
+    a = agent.act([0.0, 0.0])
+    assert a.shape == (2,) and np.all(np.abs(a) <= 0.1)
+    np.testing.assert_allclose(agent.from_env_action(agent.to_env_action(np.array([0.3, -1.0]))),
+                               [0.3, -1.0])

@@ -1,0 +1,64 @@
+import math
+
+import torch
+
+from metapearl.networks import MLP, EnsembleMLP, TanhGaussianPolicy
+
+
+def test_tanh_gaussian_log_prob_is_the_change_of_variables_density():
+    torch.manual_seed(0)
+    policy = TanhGaussianPolicy(3, 2, 16)
+    x = torch.randn(64, 3)
+    g = torch.Generator().manual_seed(1)
+    action, log_prob, mean, log_std = policy(x, generator=g)
+    # independent float64 computation: u = atanh(a), log N(u; mean, std) - sum log(1 - a^2)
+    a = action.double().clamp(-1 + 1e-12, 1 - 1e-12)
+    u = torch.atanh(a)
+    std = log_std.double().exp()
+    gauss = -0.5 * ((u - mean.double()) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)
+    expected = (gauss - torch.log1p(-a.pow(2))).sum(-1)
+    ok = a.abs().max(-1).values < 0.999  # float32 tanh loses digits at saturation
+    torch.testing.assert_close(log_prob.double()[ok], expected[ok], atol=2e-3, rtol=1e-4)
+
+
+def test_log_prob_stays_finite_when_saturated():
+    policy = TanhGaussianPolicy(1, 1, 4)
+    with torch.no_grad():
+        policy.net.net[-1].bias.copy_(torch.tensor([30.0, -5.0]))  # mean 30: tanh = 1.0 exactly
+    _, log_prob, _, _ = policy(torch.zeros(4, 1))
+    assert torch.isfinite(log_prob).all()
+
+
+def test_log_std_is_clamped_and_deterministic_action_is_tanh_of_mean():
+    policy = TanhGaussianPolicy(2, 1, 4)
+    with torch.no_grad():
+        policy.net.net[-1].bias.copy_(torch.tensor([0.7, 50.0]))
+        policy.net.net[-1].weight.zero_()
+    action, log_prob, mean, log_std = policy(torch.zeros(3, 2), deterministic=True)
+    assert log_prob is None
+    torch.testing.assert_close(action, torch.tanh(torch.full((3, 1), 0.7)))
+    assert torch.all(log_std == 2.0)
+    policy.net.net[-1].bias.data[1] = -50.0
+    assert torch.all(policy(torch.zeros(3, 2))[3] == -20.0)
+
+
+def test_ensemble_equals_separate_mlps_and_detach_params_blocks_parameter_grads():
+    torch.manual_seed(0)
+    ens = EnsembleMLP(2, 5, 8, 1)
+    x = torch.randn(10, 5, requires_grad=True)
+    out = ens(x)
+    assert out.shape == (2, 10, 1)
+    for k in range(2):
+        h = x
+        for i in range(4):
+            h = h @ ens.weights[i][k] + ens.biases[i][k]
+            h = torch.relu(h) if i < 3 else h
+        torch.testing.assert_close(out[k], h)
+    ens(x, detach_params=True).sum().backward()
+    assert all(p.grad is None for p in ens.parameters())
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_mlp_last_layer_starts_small():
+    mlp = MLP(4, 32, 3)
+    assert mlp.net[-1].weight.abs().max() <= 3e-3
