@@ -33,7 +33,7 @@ def _cmd_tasks(args) -> int:
 def _cmd_config(args) -> int:
     cfg = make_config(args.family, args.preset, parse_overrides(args.set))
     values = cfg.to_dict()
-    for name, kind, help_text in field_help():
+    for name, _kind, help_text in field_help():
         print(f"{name:<30} {values[name]!s:<14} {help_text}")
     return 0
 

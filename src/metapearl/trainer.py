@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -276,8 +277,11 @@ class Trainer:
                     writer.writerow([self.iteration, self.env_steps, split, k, repr(float(ret))])
 
     # --- the loop -------------------------------------------------------------------------------
-    def train(self) -> Summary:
-        """Run the remaining iterations; write progress.csv, checkpoints and plots."""
+    def train(self, on_iteration: Callable[[dict], None] | None = None) -> Summary:
+        """Run the remaining iterations; write progress.csv, checkpoints and plots.
+
+        `on_iteration(row)` receives each progress.csv row as it is written.
+        """
         cfg = self.cfg
         last_return = float("nan")
         bar = tqdm(range(self.iteration, cfg.num_iterations), initial=self.iteration,
@@ -307,6 +311,8 @@ class Trainer:
                    "Time/collect_s": t1 - t0, "Time/train_s": t2 - t1, "Time/eval_s": t3 - t2,
                    "Time/total_s": self.wall_seconds}
             self.log.write(row)
+            if on_iteration is not None:
+                on_iteration(row)
             self.iteration = it + 1
             save_checkpoint(self.run_dir, self.state_dict())
             bar.set_postfix(test_return=f"{last_return:.2f}", steps=self.env_steps)
