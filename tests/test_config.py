@@ -45,7 +45,9 @@ def test_overrides_are_typed_and_checked():
                        ({"meta_batch": "0"}, "meta_batch must be >= 1"),
                        ({"discount": "1.5"}, "discount must be in"),
                        ({"lr": "nan"}, "must be of type float"),
-                       ({"context_sampler": "weird"}, "context_sampler must be one of")]:
+                       ({"context_sampler": "weird"}, "context_sampler must be one of"),
+                       ({"num_steps_prior": "0", "num_steps_posterior": "0"},
+                        "recent context sampler needs")]:
         with pytest.raises(ValueError, match=match):
             make_config("point-robot", "default", bad)
 
@@ -76,3 +78,32 @@ def test_cli_tasks_and_config(capsys):
     assert main(["config", "point-robot", "--preset", "paper"]) == 0
     out = capsys.readouterr().out
     assert "num_train_steps_per_itr" in out and "1000" in out
+
+
+def test_user_family_gets_the_generic_presets():
+    import gymnasium as gym
+
+    from metapearl import TaskFamily, register_family
+
+    class Flat(TaskFamily):
+        name = "test-flat"
+        max_path_length = 7
+        task_parameter = "none"
+
+        def make_env(self):
+            return gym.make("Pendulum-v1").unwrapped
+
+        def sample_task(self, rng):
+            return {}
+
+        def set_task(self, env, task):
+            pass
+
+    register_family(Flat())
+    paper, default = make_config("test-flat", "paper"), make_config("test-flat", "default")
+    for key, value in SPEC_DEFAULTS.items():
+        assert getattr(paper, key) == value, key
+    assert paper.max_path_length == default.max_path_length == 7
+    assert default.net_size < paper.net_size and default.num_train_steps_per_itr < 2000
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        make_config("test-flat", "huge")

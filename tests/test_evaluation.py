@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from metapearl.agent import PEARLAgent
-from metapearl.evaluation import meta_test
+from metapearl.evaluation import EvalResult, meta_test
 from metapearl.rollout import Belief, collect
-from metapearl.tasks import get_family
+from metapearl.tasks import TaskFamily, get_family
+from metapearl.tasks.point import PointEnv
 
 
 def _agent(cfg, seed=0):
@@ -46,20 +47,44 @@ def test_deterministic_eval_policy_is_tanh_of_the_mean(tiny_config):
     assert not np.array_equal(s1, s2)
 
 
+class _FixedStartPoint(TaskFamily):
+    """Dense point-robot starting at the origin: with a deterministic encoder and policy, a test
+    task's returns depend only on its goal and on the belief it starts from."""
+
+    name = "test-fixed-start-point"
+    max_path_length = 10
+    task_parameter = "goal"
+
+    def make_env(self):
+        return PointEnv(sparse=False, random_start=False)
+
+    def sample_task(self, rng):
+        return {"goal": rng.uniform(-1, 1, 2).tolist()}
+
+    def set_task(self, env, task):
+        env.set_goal(task["goal"])
+
+
 @pytest.mark.parametrize("side_by_side", [1, 2])
 def test_belief_does_not_leak_between_test_tasks(tiny_config, side_by_side):
-    # deterministic encoder + deterministic policy + fixed start: everything is reproducible, so
-    # task B must give the same returns whether it is evaluated alone or after task A.
-    cfg = tiny_config(family="sparse-point-robot", use_information_bottleneck=False,
-                      num_steps_per_eval=30, num_exp_traj_eval=1)
-    fam = get_family("sparse-point-robot")
+    cfg = tiny_config(use_information_bottleneck=False, num_steps_per_eval=30,
+                      num_exp_traj_eval=1)
+    fam = _FixedStartPoint()
     agent = _agent(cfg, seed=1)
-    task_a, task_b = {"goal": [1.0, 0.0]}, {"goal": [-1.0, 0.0]}
+    with torch.no_grad():  # a policy that visibly depends on z
+        agent.policy.net.net[-1].weight.normal_(0.0, 1.0)
+        agent.encoder.net.net[-1].weight.normal_(0.0, 1.0)
+    task_a, task_b = {"goal": [1.0, 0.0]}, {"goal": [-1.0, 0.5]}
     envs = [fam.make_env() for _ in range(side_by_side)]  # 1: one after another; 2: together
     both = meta_test(agent, fam, envs, [task_a, task_b], cfg, None)
     alone = meta_test(agent, fam, envs, [task_b], cfg, None)
-    assert both.returns[1] == alone.returns[0]
     assert len(both.returns[0]) == 3  # 30 steps of 10-step trajectories
+    assert both.returns[1] == alone.returns[0]
+    # the check can fail: task B started from task A's final belief scores differently
+    zero = torch.zeros(1, 2)
+    leaked = agent.posterior(agent.make_context(zero, zero, -torch.ones(1, 1), zero).unsqueeze(0))
+    agent.prior = lambda n: (leaked[0].expand(n, -1).clone(), leaked[1].expand(n, -1).clone())
+    assert meta_test(agent, fam, envs, [task_b], cfg, None).returns[0] != alone.returns[0]
 
 
 def test_adaptation_uses_the_posterior_after_the_exploration_trajectories(tiny_config):
@@ -98,3 +123,27 @@ def test_deployment_agent_resets_its_belief(tiny_config):
     assert a.shape == (2,) and np.all(np.abs(a) <= 0.1)
     np.testing.assert_allclose(agent.from_env_action(agent.to_env_action(np.array([0.3, -1.0]))),
                                [0.3, -1.0])
+
+
+def test_reported_return_is_the_last_trajectory():
+    result = EvalResult(returns=[[-9.0, -4.0, -1.0], [-8.0, -6.0]],
+                        successes=[[False, False, True], [False, True]])
+    assert result.final_return == (-1.0 + -6.0) / 2
+    assert result.final_success_rate == 1.0
+    np.testing.assert_allclose(result.adaptation_curve(), [-8.5, -5.0, -1.0])
+
+
+def test_sparse_family_gives_context_the_sparse_reward_and_critic_the_dense_one(tiny_config):
+    cfg = tiny_config(family="sparse-point-robot")
+    fam = get_family("sparse-point-robot")
+    env = fam.make_env()
+    fam.set_task(env, {"goal": [0.0, 0.1]})  # the start (origin) is inside the goal radius
+    env.reset(seed=0)
+    agent = _agent(cfg)
+    traj = collect(agent, [env], Belief(*agent.prior(1)), 10, 10, False,
+                   torch.Generator().manual_seed(0))[0][0]
+    dist = np.linalg.norm(traj.next_obs - np.array([0.0, 0.1]), axis=1)
+    np.testing.assert_allclose(traj.rewards, -dist, rtol=1e-5)
+    np.testing.assert_allclose(traj.context_rewards, np.where(dist <= 0.2, 1 - dist, 0.0),
+                               rtol=1e-5)
+    assert traj.context_rewards.max() > 0 and traj.ret == pytest.approx(traj.context_rewards.sum())

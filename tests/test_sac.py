@@ -57,6 +57,10 @@ def test_encoder_learns_from_critic_and_kl_only(tiny_config):
     for k in base:
         if k.startswith("agent.encoder") or k.startswith("critics.qf"):
             torch.testing.assert_close(base[k], after[k], msg=k)
+    # ... and the critic part is really there: other Q networks, other encoder gradients
+    _perturb(critics.qf)
+    moved = _grads(update, rl, ctx)
+    assert any((moved[k] - after[k]).abs().sum() > 0 for k in base if k.startswith("agent.encoder"))
 
 
 def test_q_gradients_do_not_come_from_the_policy_loss(tiny_config):

@@ -25,20 +25,7 @@ class ProgressLog:
 
     def truncate(self, keep_iterations: int) -> None:
         """Keep only rows with Iteration < keep_iterations (rows a checkpoint has not seen go)."""
-        if not self.path.exists():
-            return
-        rows = read_progress(self.path)
-        kept = [r for r in rows if int(float(r["Iteration"])) < keep_iterations]
-        self._rewrite(kept)
-
-    def _rewrite(self, rows: list[dict[str, str]]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w", newline="") as f:
-            if self.columns:
-                writer = csv.DictWriter(f, fieldnames=self.columns)
-                writer.writeheader()
-                writer.writerows(rows)
-        tmp.replace(self.path)
+        truncate_csv(self.path, "Iteration", keep_iterations)
 
     def write(self, row: dict[str, float | int | str | None]) -> None:
         if self.columns is None:
@@ -48,6 +35,24 @@ class ProgressLog:
         with self.path.open("a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
             writer.writerow({k: _fmt(v) for k, v in row.items()})
+
+
+def truncate_csv(path: Path, iteration_column: str, keep_iterations: int) -> None:
+    """Rewrite the CSV at `path` (atomically) without rows whose iteration is >= keep_iterations."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames
+        kept = [r for r in reader if int(float(r[iteration_column])) < keep_iterations]
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        if columns:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(kept)
+    tmp.replace(path)
 
 
 def _fmt(v):

@@ -18,7 +18,7 @@ from metapearl.buffers import TaskReplayBuffer, sample_context
 from metapearl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metapearl.config import PEARLConfig
 from metapearl.evaluation import EvalResult, meta_test, offline_test
-from metapearl.logging import ProgressLog, column, read_progress
+from metapearl.logging import ProgressLog, column, read_progress, truncate_csv
 from metapearl.rollout import Belief, Trajectory, collect
 from metapearl.sac import STAT_NAMES, Critics, PEARLUpdate
 from metapearl.tasks import get_family
@@ -132,6 +132,7 @@ class Trainer:
                 raise CheckpointError(f"cannot write the run directory {self.run_dir}: {e}") from None
         self.log = ProgressLog(self.run_dir / "progress.csv")
         self.log.truncate(self.iteration)
+        truncate_csv(self.run_dir / "eval" / "adaptation.csv", "iteration", self.iteration)
 
     def state_dict(self) -> dict:
         return {
@@ -166,11 +167,14 @@ class Trainer:
             env.unwrapped.np_random.bit_generator.state = s
 
     # --- data collection (SPEC section 4) -------------------------------------------------------
+    def _context_source(self) -> TaskReplayBuffer:
+        """The buffer inference contexts come from: the encoder buffer for `recent`, else RL."""
+        return self.enc_buffer if self.cfg.context_sampler == "recent" else self.rl_buffer
+
     def _context(self, tasks: list[int]) -> torch.Tensor:
         """Context rows (len(tasks), embedding_batch_size, context_dim) for inference in a task."""
         idx = torch.as_tensor(tasks, device=self.device)
-        source = self.enc_buffer if self.cfg.context_sampler == "recent" else self.rl_buffer
-        b = source.sample(idx, self.cfg.embedding_batch_size, self.gen)
+        b = self._context_source().sample(idx, self.cfg.embedding_batch_size, self.gen)
         return self.agent.make_context(b.obs, b.actions, b.context_rewards, b.next_obs)
 
     @torch.no_grad()
@@ -185,7 +189,7 @@ class Trainer:
         envs = self.envs[:len(tasks)]
         for env, t in zip(envs, tasks, strict=True):
             self.family.set_task(env, self.train_tasks[t])
-        has_context = [self.enc_buffer.sizes[t] > 0 for t in tasks]
+        has_context = [self._context_source().sizes[t] > 0 for t in tasks]
         belief = Belief(*self.agent.prior(len(tasks)))
         if posterior and any(has_context):
             with_ctx = [i for i, h in enumerate(has_context) if h]
