@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from metapearl.logging import column, read_progress  # noqa: E402
 
@@ -53,6 +54,7 @@ def plot_adaptation_curve(run_dir: Path, csv_path: Path | None = None) -> Path:
                      if int(r["iteration"]) == it)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"iteration {it}")
     ax.set_xlabel("trajectory k in the new task")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("mean return of trajectory k")
     ax.set_title(f"{run_dir.name}: adaptation on test tasks")
     ax.grid(alpha=0.3)
