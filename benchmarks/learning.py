@@ -41,6 +41,7 @@ def main() -> None:
     trainer = Trainer(cfg, out, progress=False)
     start = time.perf_counter()
     reached: list[tuple[float, int, int]] = []
+    returns: list[float] = []
     print(f"# {args.family} preset={args.preset} seed={args.seed} run_dir={out}")
     print(f"{'iter':>5} {'env_steps':>10} {'wall_s':>8} {'test_return':>12} {'success':>8}")
 
@@ -52,6 +53,8 @@ def main() -> None:
         succ_s = f"{succ:8.0%}" if succ is not None else f"{'':>8}"
         print(f"{row['Iteration']:>5} {row['Number of env steps total']:>10} {wall:8.1f} "
               f"{ret_s} {succ_s}", flush=True)
+        if ret is not None and not math.isnan(ret):
+            returns.append(ret)
         if (args.target is not None and ret is not None and not reached
                 and ret >= args.target):
             reached.append((wall, row["Number of env steps total"], row["Iteration"]))
@@ -68,20 +71,10 @@ def main() -> None:
             print(f"# reached {args.target} at iteration {it}: {wall:.0f} s, {steps} env steps")
         else:
             print(f"# never reached {args.target}")
-    rets = [float(r) for r in _column(out, "AverageReturn_all_test_tasks")]
-    if rets:
-        last = rets[-5:]
+    if returns:
+        last = returns[-5:]
         print(f"# last {len(last)} evaluations: mean {sum(last) / len(last):.2f}, "
-              f"min {min(last):.2f}; best {max(rets):.2f}")
-
-
-def _column(run_dir: str, name: str) -> list[str]:
-    from pathlib import Path
-
-    from metapearl.logging import read_progress
-
-    return [r[name] for r in read_progress(Path(run_dir) / "progress.csv")
-            if r.get(name) not in (None, "") and not math.isnan(float(r[name]))]
+              f"min {min(last):.2f}; best {max(returns):.2f}")
 
 
 if __name__ == "__main__":

@@ -189,7 +189,8 @@ class Trainer:
         envs = self.envs[:len(tasks)]
         for env, t in zip(envs, tasks, strict=True):
             self.family.set_task(env, self.train_tasks[t])
-        has_context = [self._context_source().sizes[t] > 0 for t in tasks]
+        source_sizes = self._context_source().sizes
+        has_context = [source_sizes[t] > 0 for t in tasks]
         belief = Belief(*self.agent.prior(len(tasks)))
         if posterior and any(has_context):
             with_ctx = [i for i, h in enumerate(has_context) if h]
@@ -284,7 +285,7 @@ class Trainer:
     def train(self, on_iteration: Callable[[dict], None] | None = None) -> Summary:
         """Run the remaining iterations; write progress.csv, checkpoints and plots.
 
-        `on_iteration(row)` receives each progress.csv row as it is written.
+        `on_iteration(row)` receives each progress.csv row once its iteration is checkpointed.
         """
         cfg = self.cfg
         last_return = float("nan")
@@ -315,11 +316,11 @@ class Trainer:
                    "Time/collect_s": t1 - t0, "Time/train_s": t2 - t1, "Time/eval_s": t3 - t2,
                    "Time/total_s": self.wall_seconds}
             self.log.write(row)
-            if on_iteration is not None:
-                on_iteration(row)
             self.iteration = it + 1
             save_checkpoint(self.run_dir, self.state_dict())
             bar.set_postfix(test_return=f"{last_return:.2f}", steps=self.env_steps)
+            if on_iteration is not None:  # after the checkpoint: a callback may stop the run
+                on_iteration(row)
         bar.close()
         self.make_plots()
         return self.summary()
