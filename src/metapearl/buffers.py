@@ -116,6 +116,10 @@ class TaskReplayBuffer:
 
     def load_state_dict(self, state: dict) -> None:
         data = state["data"].to(self.device)
+        tasks = self.data.shape[0]
+        if data.dim() != 3 or data.shape[0] != tasks or data.shape[2] != self.width:
+            raise ValueError(f"stored rows of shape {tuple(data.shape)}, expected ({tasks}, n, "
+                             f"{self.width})")
         self.data = torch.zeros(data.shape[0], max(data.shape[1], 1), self.width,
                                 device=self.device)
         self.data[:, :data.shape[1]] = data

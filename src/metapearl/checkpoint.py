@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CHECKPOINT_NAME = "checkpoints/latest.pt"
 
 
@@ -22,33 +22,68 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
     """Write `state` to run_dir/checkpoints/latest.pt via a temporary file and an atomic rename.
 
-    The previous checkpoint stays intact until the new one is completely on disk.
+    The previous checkpoint stays intact until the new one is completely on disk; a failed write
+    (full disk, lost permissions) removes the partial file and raises CheckpointError.
     """
     path = Path(run_dir) / CHECKPOINT_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        torch.save({"format_version": FORMAT_VERSION, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        kept = "the previous checkpoint is intact" if path.exists() else "no checkpoint was kept"
+        raise CheckpointError(f"could not write {path} ({e.strerror or e}); {kept}") from None
     return path
 
 
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename inside `directory` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+REQUIRED_KEYS = ("config", "iteration", "env_steps", "agent_meta", "agent", "test_tasks")
+
+
 def load_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load run_dir's checkpoint with weights_only=True: no pickled code is ever executed."""
+    """Load run_dir's checkpoint with weights_only=True: no pickled code is ever executed.
+
+    Raises CheckpointError for a missing, truncated, corrupt, unsafe (pickled objects other than
+    tensors and plain data) or foreign file.
+    """
     path = Path(run_dir) / CHECKPOINT_NAME
     if not path.exists():
         raise CheckpointError(f"{run_dir} has no checkpoint ({CHECKPOINT_NAME}); is it a run?")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError,
+            ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot load {path}: corrupt, truncated or unsafe ({first})") from None
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise CheckpointError(f"{path} is not a metapearl checkpoint")
+    if state["format_version"] != FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} is not a metapearl checkpoint of format {FORMAT_VERSION}"
+            f"{path} has checkpoint format {state['format_version']!r}; this metapearl reads "
+            f"format {FORMAT_VERSION}"
         )
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is incomplete: no {', '.join(missing)}")
     return state
 
 
@@ -66,16 +101,36 @@ def load_run_config(run_dir: Path):
     return PEARLConfig.from_dict(values)
 
 
+def check_compatible(state: dict[str, Any], cfg) -> None:
+    """CheckpointError unless the checkpoint was written by a run with config `cfg`."""
+    if state["config"] != cfg.to_dict():
+        changed = sorted(k for k in set(state["config"]) | set(cfg.to_dict())
+                         if state["config"].get(k) != cfg.to_dict().get(k))
+        raise CheckpointError(
+            f"the checkpoint was written with another config (differs in {', '.join(changed)})"
+        )
+
+
+def load_state(module: torch.nn.Module | torch.optim.Optimizer, state: Any, what: str) -> None:
+    """module.load_state_dict(state), with a CheckpointError naming `what` on a mismatch."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"the checkpoint's {what} does not fit this model ({first})") from None
+
+
 def load_agent(run_dir: Path, device: str = "cpu"):
     """The trained PEARLAgent of a run."""
     from metapearl.agent import PEARLAgent
 
     cfg = load_run_config(run_dir)
     state = load_checkpoint(run_dir, device)
+    check_compatible(state, cfg)
     meta = state["agent_meta"]
     agent = PEARLAgent.from_config(
         cfg, meta["obs_dim"], meta["action_dim"], meta["action_low"], meta["action_high"]
     ).to(device)
-    agent.load_state_dict(state["agent"])
+    load_state(agent, state["agent"], "agent")
     agent.reset()
     return agent

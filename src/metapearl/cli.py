@@ -9,6 +9,7 @@ from pathlib import Path
 
 from metapearl.checkpoint import CheckpointError
 from metapearl.config import ConfigError, field_help, make_config, parse_overrides
+from metapearl.guards import NonFiniteError
 
 EXAMPLES = """examples:
   metapearl train point-robot                       # default CPU preset, seed 0
@@ -45,6 +46,11 @@ def _cmd_train(args) -> int:
     if args.resume:
         if args.out is None:
             raise ConfigError("--resume needs --out RUN_DIR, the run to continue")
+        given = [flag for flag, used in [("--set", args.set), ("--seed", args.seed is not None),
+                                         ("--preset", args.preset is not None)] if used]
+        if given:
+            raise ConfigError(f"--resume continues a run with its own config.json; "
+                              f"{', '.join(given)} cannot change it")
         cfg = load_run_config(Path(args.out))
         if cfg.family != args.family:
             raise ConfigError(f"{args.out} is a {cfg.family} run, not {args.family}")
@@ -53,7 +59,7 @@ def _cmd_train(args) -> int:
         overrides = parse_overrides(args.set)
         if args.seed is not None:
             overrides["seed"] = args.seed
-        cfg = make_config(args.family, args.preset, overrides)
+        cfg = make_config(args.family, args.preset or "default", overrides)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{cfg.family}_{cfg.preset}_s{cfg.seed}_{stamp}")
     summary = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
@@ -127,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "eval/adaptation.csv, checkpoints/latest.pt (every iteration) and "
                        "plots/*.png to the run directory, then prints a one-line summary.")
     p.add_argument("family", help="task family (see `metapearl tasks`)")
-    p.add_argument("--preset", default="default",
-                   help="default (CPU-sized, ours) or paper (SPEC section 7 exactly)")
+    p.add_argument("--preset", default=None,
+                   help="default (CPU-sized, ours; the default) or paper (SPEC section 7 exactly)")
     p.add_argument("--seed", type=int, default=None, help="run seed (default 0)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field; repeatable (`metapearl config FAMILY` lists them)")
@@ -169,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as e:
         print(f"metapearl: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"metapearl: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("metapearl: interrupted; the last checkpoint is intact (use --resume)",
               file=sys.stderr)

@@ -96,7 +96,7 @@ class PEARLConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         non_negative = [
-            "num_initial_steps", "num_tasks_sample", "num_steps_prior", "num_steps_posterior",
+            "seed", "num_initial_steps", "num_tasks_sample", "num_steps_prior", "num_steps_posterior",
             "num_extra_rl_steps_posterior", "num_train_steps_per_itr", "kl_lambda",
             "policy_mean_reg_weight", "policy_std_reg_weight", "torch_threads",
         ]
@@ -115,9 +115,9 @@ class PEARLConfig:
                 f"context_sampler must be one of {', '.join(CONTEXT_SAMPLERS)}, "
                 f"got {self.context_sampler!r}"
             )
-        if self.num_initial_steps + self.num_steps_prior + self.num_steps_posterior == 0:
-            raise ConfigError("no data would reach the encoder buffer: set num_initial_steps "
-                              "or num_steps_prior or num_steps_posterior > 0")
+        if self.num_initial_steps == 0:
+            raise ConfigError("num_initial_steps must be >= 1: gradient steps and evaluation draw "
+                              "from every training task's buffers from the first iteration on")
         if (self.context_sampler == "recent" and self.num_tasks_sample > 0
                 and self.num_steps_prior + self.num_steps_posterior == 0):
             raise ConfigError("the recent context sampler needs num_steps_prior or "

@@ -3,10 +3,13 @@
 Each *slot* is one environment with its own belief over z. A slot runs whole trajectories until it
 has collected `num_steps` steps; z is drawn from the slot's belief at the start of each trajectory,
 and a callback after each trajectory may add it to buffers and update the belief (SPEC sections 4-5).
+A step the env flags with ``info["unstable"]`` (a diverged simulator) ends the trajectory at the last
+good state; any other NaN or infinite observation or reward stops the run with NonFiniteError.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -16,6 +19,7 @@ import torch
 
 from metapearl.agent import PEARLAgent
 from metapearl.encoder import sample_z
+from metapearl.guards import NonFiniteError
 
 
 @dataclass
@@ -29,6 +33,7 @@ class Trajectory:
     next_obs: np.ndarray
     terminals: np.ndarray  # true termination only (a time limit is not a terminal)
     success: bool  # info["success"] seen at any step
+    unstable: bool = False  # ended early by a simulator instability (info["unstable"])
 
     def __len__(self) -> int:
         return len(self.rewards)
@@ -67,12 +72,12 @@ class _Recorder:
         self.terminals = np.zeros((slots, horizon), np.float32)
         self.success = np.zeros(slots, bool)
 
-    def take(self, i: int, length: int) -> Trajectory:
+    def take(self, i: int, length: int, unstable: bool = False) -> Trajectory:
         traj = Trajectory(
             self.obs[i, :length].copy(), self.actions[i, :length].copy(),
             self.rewards[i, :length].copy(), self.context_rewards[i, :length].copy(),
             self.next_obs[i, :length].copy(), self.terminals[i, :length].copy(),
-            bool(self.success[i]),
+            bool(self.success[i]), unstable,
         )
         self.success[i] = False
         return traj
@@ -118,16 +123,27 @@ def collect(
         restart = []
         for j, i in enumerate(live):
             next_obs, reward, terminated, truncated, info = envs[i].step(env_actions[j])
-            k = t[i]
-            rec.obs[i, k], rec.actions[i, k], rec.next_obs[i, k] = obs[i], actions[j], next_obs
-            rec.rewards[i, k] = reward
-            rec.context_rewards[i, k] = info.get("sparse_reward", reward)
-            rec.terminals[i, k] = float(terminated)
-            rec.success[i] |= bool(info.get("success", False))
-            t[i] += 1
             steps[i] += 1
-            if terminated or truncated or t[i] >= max_path_length:
-                traj = rec.take(i, int(t[i]))
+            k = t[i]
+            context_reward = info.get("sparse_reward", reward)
+            unstable = bool(info.get("unstable", False))
+            if not unstable:
+                if not (np.isfinite(next_obs).all() and math.isfinite(reward)
+                        and math.isfinite(context_reward)):
+                    raise NonFiniteError(
+                        f"non-finite observation or reward from {type(envs[i].unwrapped).__name__}"
+                        f" at step {k} of a trajectory (an env whose simulator can diverge should "
+                        "flag the step with info['unstable'] = True instead)"
+                    )
+                rec.obs[i, k], rec.actions[i, k], rec.next_obs[i, k] = obs[i], actions[j], next_obs
+                rec.rewards[i, k] = reward
+                rec.context_rewards[i, k] = context_reward
+                rec.terminals[i, k] = float(terminated)
+                rec.success[i] |= bool(info.get("success", False))
+                t[i] += 1
+            if unstable or terminated or truncated or t[i] >= max_path_length:
+                # an unstable step is dropped: the trajectory ends at the last good state
+                traj = rec.take(i, int(t[i]), unstable)
                 t[i] = 0
                 out[i].append(traj)
                 if on_trajectory is not None:

@@ -20,12 +20,15 @@ from torch import nn
 from metapearl.agent import PEARLAgent
 from metapearl.buffers import Batch
 from metapearl.encoder import kl_to_standard_normal, sample_z
+from metapearl.guards import check_finite
 from metapearl.networks import MLP, EnsembleMLP
 
-STAT_NAMES = (
+LOSS_STAT_NAMES = (
     "Loss/qf", "Loss/vf", "Loss/policy", "Loss/kl", "Q/mean", "V/mean", "Policy/log_pi",
     "Z/mean_abs", "Z/variance",
 )
+GRAD_STAT_NAMES = ("Grad/encoder", "Grad/policy", "Grad/qf", "Grad/vf")  # gradient L2 norms
+STAT_NAMES = LOSS_STAT_NAMES + GRAD_STAT_NAMES
 
 
 class Critics(nn.Module):
@@ -54,11 +57,10 @@ class PEARLUpdate:
 
     def __init__(self, agent: PEARLAgent, critics: Critics, cfg):
         self.agent, self.critics, self.cfg = agent, critics, cfg
-        params = [
-            *agent.encoder.parameters(), *agent.policy.parameters(),
-            *critics.qf.parameters(), *critics.vf.parameters(),
-        ]
-        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=True)
+        self._groups = [list(m.parameters()) for m in
+                        (agent.encoder, agent.policy, critics.qf, critics.vf)]
+        self.optimizer = torch.optim.Adam([p for g in self._groups for p in g], lr=cfg.lr,
+                                          fused=True)
         self._vf_params = list(critics.vf.parameters())
         self._target_params = list(critics.target_vf.parameters())
 
@@ -112,11 +114,25 @@ class PEARLUpdate:
         ]).detach()
         return total, stats
 
+    def grad_norms(self) -> torch.Tensor:
+        """L2 norms of the current gradients of the encoder, policy, Q ensemble and V.
+
+        Every network enters the total loss, so every parameter has a gradient after backward.
+        """
+        return torch.stack([torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
+            [p.grad for p in group]))) for group in self._groups])
+
     def step(self, rl: Batch, context: Batch, generator: torch.Generator | None) -> torch.Tensor:
-        """One gradient step on every network and the target-V Polyak update; returns stats."""
-        total, stats = self.losses(rl, context, generator)
+        """One gradient step on every network and the target-V Polyak update; returns stats.
+
+        Raises NonFiniteError naming the losses or gradients that are NaN or infinite, before any
+        parameter changes.
+        """
+        total, loss_stats = self.losses(rl, context, generator)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        stats = torch.cat([loss_stats, self.grad_norms()])
+        check_finite(stats, STAT_NAMES, "the gradient step")
         self.optimizer.step()
         with torch.no_grad():
             torch._foreach_lerp_(self._target_params, self._vf_params, self.cfg.soft_target_tau)

@@ -15,9 +15,18 @@ from tqdm.auto import tqdm
 
 from metapearl.agent import PEARLAgent
 from metapearl.buffers import TaskReplayBuffer, sample_context
-from metapearl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from metapearl.config import PEARLConfig
+from metapearl.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    check_compatible,
+    load_checkpoint,
+    load_run_config,
+    load_state,
+    save_checkpoint,
+)
+from metapearl.config import ConfigError, PEARLConfig
 from metapearl.evaluation import EvalResult, meta_test, offline_test
+from metapearl.guards import NonFiniteError
 from metapearl.logging import ProgressLog, column, read_progress, truncate_csv
 from metapearl.rollout import Belief, Trajectory, collect
 from metapearl.sac import STAT_NAMES, Critics, PEARLUpdate
@@ -77,6 +86,9 @@ class Trainer:
         self.cfg = cfg.validate()
         self.run_dir = Path(run_dir)
         self.progress = progress
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device {cfg.device!r} was asked for but torch sees no CUDA GPU "
+                              f"(torch {torch.__version__}); use --set device=cpu")
         self.device = torch.device(cfg.device)
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
@@ -112,24 +124,28 @@ class Trainer:
         self.env_steps = 0
         self.train_steps = 0
         self.wall_seconds = 0.0
+        self.unstable_episodes = 0  # trajectories ended by a simulator instability
         self._prepare_run_dir(resume)
 
     # --- run directory --------------------------------------------------------------------------
     def _prepare_run_dir(self, resume: bool) -> None:
         cfg_path = self.run_dir / "config.json"
-        if resume:
+        if resume and (self.run_dir / CHECKPOINT_NAME).exists():
             self._restore(load_checkpoint(self.run_dir, self.device))
-        else:
-            if cfg_path.exists():
-                raise CheckpointError(
-                    f"{self.run_dir} already holds a run; pass --resume to continue it or choose "
-                    "another --out"
-                )
-            try:
-                (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)
+        elif resume:  # stopped before its first checkpoint: the run starts over from iteration 0
+            if load_run_config(self.run_dir) != self.cfg:
+                raise CheckpointError(f"{self.run_dir} holds a run with another config")
+        elif cfg_path.exists():
+            raise CheckpointError(
+                f"{self.run_dir} already holds a run; pass --resume to continue it or choose "
+                "another --out"
+            )
+        try:
+            (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)
+            if not resume:
                 cfg_path.write_text(self.cfg.to_json() + "\n")
-            except OSError as e:
-                raise CheckpointError(f"cannot write the run directory {self.run_dir}: {e}") from None
+        except OSError as e:
+            raise CheckpointError(f"cannot write the run directory {self.run_dir}: {e}") from None
         self.log = ProgressLog(self.run_dir / "progress.csv")
         self.log.truncate(self.iteration)
         truncate_csv(self.run_dir / "eval" / "adaptation.csv", "iteration", self.iteration)
@@ -139,6 +155,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "iteration": self.iteration, "env_steps": self.env_steps,
             "train_steps": self.train_steps, "wall_seconds": self.wall_seconds,
+            "unstable_episodes": self.unstable_episodes,
             "agent_meta": self.agent_meta,
             "agent": self.agent.state_dict(), "critics": self.critics.state_dict(),
             "optimizer": self.update.optimizer.state_dict(),
@@ -149,22 +166,26 @@ class Trainer:
         }
 
     def _restore(self, state: dict) -> None:
-        if state["config"] != self.cfg.to_dict():
-            changed = sorted(k for k in state["config"]
-                             if state["config"][k] != self.cfg.to_dict().get(k))
-            raise CheckpointError(f"the checkpoint was written with another config ({changed})")
+        check_compatible(state, self.cfg)
+        missing = [k for k in self.state_dict() if k not in state]
+        if missing:
+            raise CheckpointError(f"the checkpoint holds no {', '.join(missing)}")
         self.iteration, self.env_steps = state["iteration"], state["env_steps"]
         self.train_steps, self.wall_seconds = state["train_steps"], state["wall_seconds"]
-        self.agent.load_state_dict(state["agent"])
-        self.critics.load_state_dict(state["critics"])
-        self.update.optimizer.load_state_dict(state["optimizer"])
-        self.rl_buffer.load_state_dict(state["rl_buffer"])
-        self.enc_buffer.load_state_dict(state["enc_buffer"])
+        self.unstable_episodes = state["unstable_episodes"]
+        load_state(self.agent, state["agent"], "agent")
+        load_state(self.critics, state["critics"], "critics")
+        load_state(self.update.optimizer, state["optimizer"], "optimizer")
+        load_state(self.rl_buffer, state["rl_buffer"], "RL buffer")
+        load_state(self.enc_buffer, state["enc_buffer"], "encoder buffer")
         self.train_tasks, self.test_tasks = state["train_tasks"], state["test_tasks"]
-        self.rng.bit_generator.state = state["numpy_rng"]
-        self.gen.set_state(state["torch_rng"])
-        for env, s in zip(self.envs, state["env_rngs"], strict=True):
-            env.unwrapped.np_random.bit_generator.state = s
+        try:
+            self.rng.bit_generator.state = state["numpy_rng"]
+            self.gen.set_state(state["torch_rng"])
+            for env, s in zip(self.envs, state["env_rngs"], strict=True):
+                env.unwrapped.np_random.bit_generator.state = s
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"the checkpoint's generator states do not fit ({e})") from None
 
     # --- data collection (SPEC section 4) -------------------------------------------------------
     def _context_source(self) -> TaskReplayBuffer:
@@ -200,6 +221,7 @@ class Trainer:
 
         def store(i: int, traj: Trajectory) -> None:
             t = tasks[i]
+            self.unstable_episodes += traj.unstable
             rows = self.rl_buffer.rows(traj.obs, traj.actions, traj.rewards, traj.context_rewards,
                                        traj.next_obs, traj.terminals)
             self.rl_buffer.add(t, rows)
@@ -282,10 +304,37 @@ class Trainer:
                     writer.writerow([self.iteration, self.env_steps, split, k, repr(float(ret))])
 
     # --- the loop -------------------------------------------------------------------------------
+    def run_iteration(self) -> dict:
+        """Collect, train and (when due) evaluate once; returns the iteration's progress.csv row."""
+        cfg, it = self.cfg, self.iteration
+        t0 = time.perf_counter()
+        self.env_steps += self.collect_iteration_data()
+        t1 = time.perf_counter()
+        stats = self.train_steps_for_iteration().tolist()
+        t2 = time.perf_counter()
+        metrics: dict[str, float | None] = dict.fromkeys(
+            ["AverageReturn_all_test_tasks", "AverageReturn_all_train_tasks",
+             "AverageTrainReturn_all_train_tasks", "SuccessRate_test_tasks",
+             "SuccessRate_train_tasks"])
+        if it % cfg.eval_interval == 0 or it == cfg.num_iterations - 1:
+            evaluated, results = self.evaluate()
+            metrics.update(evaluated)
+            self._write_adaptation(results)
+        t3 = time.perf_counter()
+        self.wall_seconds += t3 - t0
+        return {"Iteration": it, "Number of env steps total": self.env_steps,
+                "Number of train steps total": self.train_steps,
+                "Unstable episodes total": self.unstable_episodes, **metrics,
+                **dict(zip(STAT_NAMES, stats, strict=True)),
+                "Time/collect_s": t1 - t0, "Time/train_s": t2 - t1, "Time/eval_s": t3 - t2,
+                "Time/total_s": self.wall_seconds}
+
     def train(self, on_iteration: Callable[[dict], None] | None = None) -> Summary:
         """Run the remaining iterations; write progress.csv, checkpoints and plots.
 
         `on_iteration(row)` receives each progress.csv row once its iteration is checkpointed.
+        A NaN or infinite loss, gradient or observation stops the run with NonFiniteError; the
+        checkpoint of the last good iteration stays as it was.
         """
         cfg = self.cfg
         last_return = float("nan")
@@ -294,30 +343,18 @@ class Trainer:
                    unit="itr", dynamic_ncols=True)
         for it in bar:
             self.iteration = it
-            t0 = time.perf_counter()
-            self.env_steps += self.collect_iteration_data()
-            t1 = time.perf_counter()
-            stats = self.train_steps_for_iteration().tolist()
-            t2 = time.perf_counter()
-            metrics: dict[str, float | None] = dict.fromkeys(
-                ["AverageReturn_all_test_tasks", "AverageReturn_all_train_tasks",
-                 "AverageTrainReturn_all_train_tasks", "SuccessRate_test_tasks",
-                 "SuccessRate_train_tasks"])
-            if it % cfg.eval_interval == 0 or it == cfg.num_iterations - 1:
-                evaluated, results = self.evaluate()
-                metrics.update(evaluated)
-                self._write_adaptation(results)
-                last_return = evaluated["AverageReturn_all_test_tasks"]
-            t3 = time.perf_counter()
-            self.wall_seconds += t3 - t0
-            row = {"Iteration": it, "Number of env steps total": self.env_steps,
-                   "Number of train steps total": self.train_steps, **metrics,
-                   **dict(zip(STAT_NAMES, stats, strict=True)),
-                   "Time/collect_s": t1 - t0, "Time/train_s": t2 - t1, "Time/eval_s": t3 - t2,
-                   "Time/total_s": self.wall_seconds}
+            try:
+                row = self.run_iteration()
+            except NonFiniteError as e:
+                kept = (f"the checkpoint after iteration {it - 1} is intact" if it > 0
+                        else "no checkpoint was written")
+                raise NonFiniteError(f"training stopped at iteration {it}: {e}; {kept} in "
+                                     f"{self.run_dir}") from None
             self.log.write(row)
             self.iteration = it + 1
             save_checkpoint(self.run_dir, self.state_dict())
+            if row["AverageReturn_all_test_tasks"] is not None:
+                last_return = row["AverageReturn_all_test_tasks"]
             bar.set_postfix(test_return=f"{last_return:.2f}", steps=self.env_steps)
             if on_iteration is not None:  # after the checkpoint: a callback may stop the run
                 on_iteration(row)
