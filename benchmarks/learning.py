@@ -14,12 +14,26 @@ import math
 import tempfile
 import time
 
+import torch
+
 from metapearl import Trainer, make_config
 from metapearl.config import parse_overrides
+from metapearl.evaluation import meta_test
 
 
 class _Stop(Exception):
     pass
+
+
+def untrained(trainer: Trainer) -> float:
+    """Meta-test return of the freshly initialised agent, on envs and a generator of its own (the
+    run's generators are left untouched, so the run is the one `metapearl train` makes)."""
+    cfg = trainer.cfg
+    envs = [trainer.family.make_env() for _ in range(len(trainer.envs))]
+    for i, env in enumerate(envs):
+        env.reset(seed=10_000 + i)
+    gen = torch.Generator(trainer.device).manual_seed(cfg.seed + 10_000)
+    return meta_test(trainer.agent, trainer.family, envs, trainer.test_tasks, cfg, gen).final_return
 
 
 def main() -> None:
@@ -43,6 +57,7 @@ def main() -> None:
     reached: list[tuple[float, int, int]] = []
     returns: list[float] = []
     print(f"# {args.family} preset={args.preset} seed={args.seed} run_dir={out}")
+    print(f"# untrained agent: AverageReturn_all_test_tasks {untrained(trainer):.2f}")
     print(f"{'iter':>5} {'env_steps':>10} {'wall_s':>8} {'test_return':>12} {'success':>8}")
 
     def report(row: dict) -> None:
@@ -64,7 +79,7 @@ def main() -> None:
     try:
         trainer.train(on_iteration=report)
     except _Stop:
-        pass
+        trainer.make_plots()
     if args.target is not None:
         if reached:
             wall, steps, it = reached[0]

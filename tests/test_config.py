@@ -25,14 +25,32 @@ SPEC_PAPER = {
                                num_tasks_sample=10, num_steps_per_eval=400, num_exp_traj_eval=5,
                                max_path_length=20),
 }
+# the MuJoCo rows: (train, test, meta_batch, init, prior, post, extra, grad steps, embedding)
+for _name, _row, _notes in [
+    ("cheetah-vel", (100, 30, 16, 2000, 400, 0, 600, 2000, 100), dict(num_evals=1)),
+    ("cheetah-dir", (2, 2, 4, 2000, 1000, 0, 1000, 2000, 256), dict(num_evals=4)),
+    ("ant-dir", (2, 2, 4, 2000, 400, 0, 600, 4000, 256), dict(num_evals=4)),
+    ("ant-goal", (150, 30, 10, 2000, 400, 0, 600, 4000, 256), dict(kl_lambda=1.0)),
+    ("humanoid-dir", (100, 30, 16, 2000, 400, 0, 600, 4000, 256), {}),
+    ("walker-rand-params", (40, 10, 10, 2000, 400, 0, 600, 4000, 100),
+     dict(use_next_obs_in_context=True)),
+    ("hopper-rand-params", (40, 10, 10, 2000, 400, 0, 600, 4000, 100),
+     dict(use_next_obs_in_context=True)),
+]:
+    SPEC_PAPER[_name] = dict(zip(
+        ["num_train_tasks", "num_test_tasks", "meta_batch", "num_initial_steps", "num_steps_prior",
+         "num_steps_posterior", "num_extra_rl_steps_posterior", "num_train_steps_per_itr",
+         "embedding_batch_size"], _row, strict=True),
+        max_path_length=200, num_exp_traj_eval=2, **_notes)
 
 
 @pytest.mark.parametrize("family", sorted(SPEC_PAPER))
 def test_paper_preset_is_spec_section_7(family):
     cfg = make_config(family, "paper").to_dict()
-    for key, value in {**SPEC_DEFAULTS, **SPEC_PAPER[family]}.items():
+    expected = {**SPEC_DEFAULTS, "use_next_obs_in_context": False, **SPEC_PAPER[family]}
+    for key, value in expected.items():
         assert cfg[key] == value, key
-    assert cfg["use_information_bottleneck"] and not cfg["use_next_obs_in_context"]
+    assert cfg["use_information_bottleneck"]
 
 
 def test_overrides_are_typed_and_checked():

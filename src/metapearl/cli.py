@@ -10,6 +10,7 @@ from pathlib import Path
 from metapearl.checkpoint import CheckpointError
 from metapearl.config import ConfigError, field_help, make_config, parse_overrides
 from metapearl.guards import NonFiniteError
+from metapearl.tasks import MissingExtraError
 
 EXAMPLES = """examples:
   metapearl train point-robot                       # default CPU preset, seed 0
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, MissingExtraError) as e:
         print(f"metapearl: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,11 +48,13 @@ class Summary:
 
     def line(self, family: str, seed: int) -> str:
         minutes, seconds = divmod(int(self.wall_seconds), 60)
+        success = "" if math.isnan(self.final_test_success) else (
+            f"success {self.final_test_success:.0%}, ")
         return (
             f"metapearl {family} seed {seed}: AverageReturn_all_test_tasks "
-            f"{self.final_test_return:.2f} (best {self.best_test_return:.2f}), "
-            f"success {self.final_test_success:.0%}, after {self.iterations} iterations, "
-            f"{self.env_steps} env steps, {minutes}m{seconds:02d}s; run dir {self.run_dir}"
+            f"{self.final_test_return:.2f} (best {self.best_test_return:.2f}), {success}"
+            f"after {self.iterations} iterations, {self.env_steps} env steps, "
+            f"{minutes}m{seconds:02d}s; run dir {self.run_dir}"
         )
 
 
@@ -287,9 +290,10 @@ class Trainer:
             "AverageReturn_all_test_tasks": test.final_return,
             "AverageReturn_all_train_tasks": train.final_return,
             "AverageTrainReturn_all_train_tasks": offline.mean_return,
-            "SuccessRate_test_tasks": test.final_success_rate,
-            "SuccessRate_train_tasks": train.final_success_rate,
         }
+        if self.family.reports_success:
+            metrics["SuccessRate_test_tasks"] = test.final_success_rate
+            metrics["SuccessRate_train_tasks"] = train.final_success_rate
         return metrics, {"test": test, "train": train}
 
     def _write_adaptation(self, results: dict[str, EvalResult]) -> None:

@@ -34,6 +34,7 @@ class TaskFamily(ABC):
     name: str = ""
     max_path_length: int = 200
     task_parameter: str = ""
+    reports_success: bool = False  # its env sets info["success"]: log success-rate columns
 
     @abstractmethod
     def make_env(self) -> gym.Env:

@@ -52,6 +52,7 @@ class PointRobot(TaskFamily):
     name = "point-robot"
     max_path_length = 20
     task_parameter = "goal ~ U([-1,1]^2)"
+    reports_success = True  # within the goal radius 0.2
 
     def make_env(self) -> PointEnv:
         return PointEnv(sparse=False, random_start=True)
