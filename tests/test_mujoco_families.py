@@ -231,3 +231,13 @@ def test_missing_mujoco_gets_the_install_command(monkeypatch, tmp_path, capsys):
     assert main(["train", "cheetah-vel", "--out", str(tmp_path / "r"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "needs MuJoCo" in err and "Traceback" not in err
+
+
+def test_observations_carry_what_the_reference_did():
+    sizes = {"cheetah-vel": 17, "cheetah-dir": 17, "ant-dir": 27, "ant-goal": 107,
+             "humanoid-dir": 348, "walker-rand-params": 17, "hopper-rand-params": 11}
+    for name, size in sizes.items():
+        assert get_family(name).make_env().observation_space.shape == (size,), name
+    model = get_family("walker-rand-params").make_env().unwrapped.model
+    friction = {model.geom(i).name: model.geom_friction[i, 0] for i in range(model.ngeom)}
+    assert friction["foot_geom"] == pytest.approx(0.9) and friction["foot_left_geom"] == 1.9

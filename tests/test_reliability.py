@@ -100,7 +100,7 @@ def test_checkpoint_with_a_pickle_payload_is_refused_without_running_it(run, tmp
     state = torch.load(run / CHECKPOINT_NAME, weights_only=True)
     state["agent_meta"] = _Payload(marker)
     torch.save(state, run / CHECKPOINT_NAME)
-    with pytest.raises(CheckpointError, match="unsafe"):
+    with pytest.raises(CheckpointError, match=r"refers to code \(\w+\.system\): unsafe"):
         load_checkpoint(run)
     assert main(["eval", str(run)]) == 2
     assert main(["train", "point-robot", "--resume", "--out", str(run), "--no-progress"]) == 2
@@ -115,15 +115,15 @@ def test_truncated_corrupt_foreign_and_mismatched_checkpoints_get_clear_errors(r
     path = run / CHECKPOINT_NAME
     good = path.read_bytes()
     cases = [
-        (good[: len(good) // 2], "corrupt, truncated or unsafe"),
-        (np.random.default_rng(0).bytes(5000), "corrupt, truncated or unsafe"),
-        (b"", "corrupt, truncated or unsafe"),
+        (good[: len(good) // 2], "corrupt or truncated"),
+        (np.random.default_rng(0).bytes(5000), "corrupt or "),
+        (b"", "corrupt or truncated"),
     ]
     for data, message in cases:
         path.write_bytes(data)
         assert main(["eval", str(run)]) == 2
         err = capsys.readouterr().err
-        assert message in err and "Traceback" not in err
+        assert message in err and "Traceback" not in err and "weights_only" not in err
 
     path.write_bytes(good)
     state = torch.load(path, weights_only=True)

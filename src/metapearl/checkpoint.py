@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,7 @@ def load_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError,
             ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load {path}: corrupt, truncated or unsafe ({first})") from None
+        raise CheckpointError(f"cannot load {path}: {_unloadable(e)}") from None
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path} is not a metapearl checkpoint")
     if state["format_version"] != FORMAT_VERSION:
@@ -99,6 +99,19 @@ def load_run_config(run_dir: Path):
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
     return PEARLConfig.from_dict(values)
+
+
+def _unloadable(e: BaseException) -> str:
+    """Why torch.load refused a file, in one line (never torch's advice to drop weights_only)."""
+    text = str(e).strip()
+    code = re.search(r"GLOBAL (\S+)", text)
+    if code:
+        return f"it refers to code ({code.group(1)}): unsafe, refused without running it"
+    detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
+    if detail:
+        return f"corrupt or not a checkpoint ({detail.group(1)})"
+    first = text.splitlines()[0] if text else type(e).__name__
+    return f"corrupt or truncated ({first})"
 
 
 def check_compatible(state: dict[str, Any], cfg) -> None:

@@ -1,16 +1,19 @@
 """The paper's locomotion families: cheetah-vel, cheetah-dir, ant-dir, ant-goal, humanoid-dir.
 
 Rewards and task distributions are SPEC section 6 (the reference code's), computed from the MuJoCo
-state of Gymnasium's v5 envs. Observations are the v5 envs' own; where they differ from the
-reference's (mujoco-py era) envs:
-- HalfCheetah: v5 gives qpos[1:], qvel (17); the reference also appended the torso's centre of mass
-  (20), which includes the x position the task does not need.
-- Ant: v5 gives qpos[2:], qvel, clipped cfrc_ext of bodies 1.. (105); the reference had the world
-  body's (always zero) forces too (111). ant-goal keeps the x, y position (v5 option
-  exclude_current_positions_from_observation=False, 107): the goal is a place, the agent must know
-  where it is.
-- Humanoid: v5 gives qpos[2:], qvel, cinert, cvel, qfrc_actuator, cfrc_ext without the world body's
-  rows (348); the reference kept them (376).
+state of Gymnasium's v5 envs. Observations are the v5 envs', set up to carry what the reference's
+carried; where they differ:
+- HalfCheetah: qpos[1:], qvel (17); the reference also appended the torso's centre of mass (20),
+  which includes the x position the task does not need.
+- ant-dir: qpos[2:], qvel (27), as the reference (v5 option include_cfrc_ext_in_observation=False).
+- ant-goal: qpos, qvel and clipped cfrc_ext of bodies 1.. (107; v5 option
+  exclude_current_positions_from_observation=False: the goal is a place, the agent must know where
+  it is); the reference also had the world body's always-zero forces (113).
+- Humanoid: qpos[2:], qvel, cinert, cvel, qfrc_actuator and cfrc_ext without the world body's rows
+  and the free joint's actuator forces (348); the reference kept them (376).
+Contact forces: Gymnasium computes cfrc_ext after every step, so the ants' contact cost and the
+humanoid's impact cost are live, as SPEC section 6 writes them. The reference ran on mujoco-py 2.0,
+where these forces read as zero, so its published curves had neither term.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class AntDir(FixedTasks, MujocoFamily):
     name = "ant-dir"
     task_parameter = "direction angle in {0, pi} (2 tasks, train = test)"
     env_id = "Ant-v5"
+    env_kwargs = {"include_cfrc_ext_in_observation": False}  # as the reference: qpos[2:], qvel
     tasks = ({"angle": 0.0}, {"angle": float(np.pi)})
 
     def snapshot(self, sim):

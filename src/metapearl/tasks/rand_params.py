@@ -4,9 +4,9 @@ A task multiplies every element of the model's body_mass, body_inertia and geom_
 1.5^U(-3, 3) and of dof_damping by 1.3^U(-3, 3), starting from the model's own defaults (kept at
 env creation), so setting a task undoes the previous one exactly. Reward v_x + 1 - 1e-3 ||a||^2
 with the reference's termination; the context holds s' (`use_next_obs_in_context` in the presets).
-Observations are the v5 envs' (qpos[1:], clip(qvel, -10, 10)) as in the reference. Gymnasium's
-Walker2d-v5 model gives both feet friction 0.9 (the reference's left foot had 1.9); the task
-multipliers act on whichever defaults the model has.
+Observations are the v5 envs' (qpos[1:], clip(qvel, -10, 10)) as in the reference. The walker
+runs on Gymnasium's older walker2d.xml, the reference's model (right foot friction 0.9, left 1.9);
+Walker2d-v5's default model gives both feet 1.9.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ class WalkerRandParams(RandParams):
 
     name = "walker-rand-params"
     env_id = "Walker2d-v5"
+    env_kwargs = {"xml_file": "walker2d.xml"}  # the reference's feet frictions 0.9 / 1.9
 
     def healthy(self, sim) -> bool:
         height, angle = sim.data.qpos[1:3]
