@@ -31,9 +31,11 @@ class MLP(nn.Module):
 
 
 class EnsembleMLP(nn.Module):
-    """`n` independent MLPs of the same shape, run as one chain of batched matmuls.
+    """`n` independent MLPs of the same shape, stored as one set of stacked parameters.
 
-    Q1 and Q2 live here as one module: one kernel per layer instead of two.
+    Q1 and Q2 live here as one module. On CUDA the members run as one chain of batched matmuls
+    (one kernel per layer); on CPU as one matmul chain per member, since a CPU batched matmul of
+    (2, 4096, 300) x (2, 300, 300) ran ~30% slower than two plain ones and copied its operands.
     forward: x (N, in_dim) -> (n, N, out_dim).
     """
 
@@ -49,12 +51,23 @@ class EnsembleMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, detach_params: bool = False) -> torch.Tensor:
         """`detach_params=True` lets gradients reach `x` but not the ensemble's parameters."""
-        h = x
-        last = len(self.weights) - 1
-        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            if detach_params:
-                w, b = w.detach(), b.detach()
-            h = torch.baddbmm(b, h, w) if h.dim() == 3 else torch.matmul(h, w) + b
+        weights, biases = list(self.weights), list(self.biases)
+        if detach_params:
+            weights, biases = [w.detach() for w in weights], [b.detach() for b in biases]
+        if x.is_cuda:
+            return self._chain(x, weights, biases)
+        return torch.stack([self._chain(x, [w[i] for w in weights], [b[i] for b in biases])
+                            for i in range(weights[0].shape[0])])
+
+    @staticmethod
+    def _chain(h: torch.Tensor, weights: list, biases: list) -> torch.Tensor:
+        """Linear-ReLU chain; batched over members when the weights are (n, in, out)."""
+        last = len(weights) - 1
+        for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+            if w.dim() == 2:
+                h = torch.addmm(b, h, w)
+            else:
+                h = torch.baddbmm(b, h, w) if h.dim() == 3 else torch.matmul(h, w) + b
             if i < last:
                 h = F.relu(h)
         return h
