@@ -105,6 +105,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20000, help="supervised training steps")
     parser.add_argument("--hidden", type=int, default=200, help="encoder width (SPEC: 200)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--encoders", default="pog,meanpool",
+                        help="comma-separated subset of pog (PEARL's) and meanpool")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
@@ -114,10 +116,13 @@ def main() -> None:
     table = [(e, return_at_error(e, rng)) for e in errors]
     print("  " + "  ".join(f"err {e:.2f}: {r:6.2f}" for e, r in table))
 
-    for name, encoder in [
-        ("PEARL product of Gaussians", ContextEncoder(5, 2, args.hidden, True)),
-        ("mean-pooled MLP (not PEARL)", MeanPoolEncoder(5, args.hidden)),
+    chosen = args.encoders.split(",")
+    for key, name, encoder in [
+        ("pog", "PEARL product of Gaussians", ContextEncoder(5, 2, args.hidden, True)),
+        ("meanpool", "mean-pooled MLP (not PEARL)", MeanPoolEncoder(5, args.hidden)),
     ]:
+        if key not in chosen:
+            continue
         start = time.perf_counter()
         errs = goal_errors(encoder, args.steps, rng)
         implied = return_at_error(errs[1], rng)

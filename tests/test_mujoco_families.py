@@ -197,7 +197,8 @@ def test_setting_a_task_does_not_leak_into_the_next():
     assert r == pytest.approx(-abs((q1[0] - q0[0]) / 0.05), rel=1e-9)
 
 
-def test_simulator_instability_is_flagged_not_fatal():
+def test_simulator_instability_is_flagged_not_fatal(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MuJoCo appends its warning to ./MUJOCO_LOG.TXT
     _, env, sim = _env("cheetah-vel", {"velocity": 1.0})
     sim.model.opt.timestep = 0.5  # far beyond what the integrator can hold
     flagged = [env.step(np.ones(6))[4].get("unstable", False) for _ in range(5)]

@@ -170,23 +170,22 @@ class Trainer:
 
     def _restore(self, state: dict) -> None:
         check_compatible(state, self.cfg)
-        missing = [k for k in self.state_dict() if k not in state]
-        if missing:
-            raise CheckpointError(f"the checkpoint holds no {', '.join(missing)}")
-        self.iteration, self.env_steps = state["iteration"], state["env_steps"]
-        self.train_steps, self.wall_seconds = state["train_steps"], state["wall_seconds"]
-        self.unstable_episodes = state["unstable_episodes"]
-        load_state(self.agent, state["agent"], "agent")
-        load_state(self.critics, state["critics"], "critics")
-        load_state(self.update.optimizer, state["optimizer"], "optimizer")
-        load_state(self.rl_buffer, state["rl_buffer"], "RL buffer")
-        load_state(self.enc_buffer, state["enc_buffer"], "encoder buffer")
-        self.train_tasks, self.test_tasks = state["train_tasks"], state["test_tasks"]
         try:
+            self.iteration, self.env_steps = state["iteration"], state["env_steps"]
+            self.train_steps, self.wall_seconds = state["train_steps"], state["wall_seconds"]
+            self.unstable_episodes = state["unstable_episodes"]
+            load_state(self.agent, state["agent"], "agent")
+            load_state(self.critics, state["critics"], "critics")
+            load_state(self.update.optimizer, state["optimizer"], "optimizer")
+            load_state(self.rl_buffer, state["rl_buffer"], "RL buffer")
+            load_state(self.enc_buffer, state["enc_buffer"], "encoder buffer")
+            self.train_tasks, self.test_tasks = state["train_tasks"], state["test_tasks"]
             self.rng.bit_generator.state = state["numpy_rng"]
             self.gen.set_state(state["torch_rng"])
             for env, s in zip(self.envs, state["env_rngs"], strict=True):
                 env.unwrapped.np_random.bit_generator.state = s
+        except KeyError as e:
+            raise CheckpointError(f"the checkpoint holds no {e}") from None
         except (ValueError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"the checkpoint's generator states do not fit ({e})") from None
 
