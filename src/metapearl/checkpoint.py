@@ -110,15 +110,20 @@ def _unloadable(e: BaseException) -> str:
     detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
     if detail:
         return f"corrupt or not a checkpoint ({detail.group(1)})"
-    first = text.splitlines()[0] if text else type(e).__name__
-    return f"corrupt or truncated ({first})"
+    return f"corrupt or truncated ({_first_line(e)})"
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def check_compatible(state: dict[str, Any], cfg) -> None:
     """CheckpointError unless the checkpoint was written by a run with config `cfg`."""
-    if state["config"] != cfg.to_dict():
-        changed = sorted(k for k in set(state["config"]) | set(cfg.to_dict())
-                         if state["config"].get(k) != cfg.to_dict().get(k))
+    stored, current = state["config"], cfg.to_dict()
+    if stored != current:
+        changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
         raise CheckpointError(
             f"the checkpoint was written with another config (differs in {', '.join(changed)})"
         )
@@ -129,8 +134,9 @@ def load_state(module: torch.nn.Module | torch.optim.Optimizer, state: Any, what
     try:
         module.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"the checkpoint's {what} does not fit this model ({first})") from None
+        raise CheckpointError(
+            f"the checkpoint's {what} does not fit this model ({_first_line(e)})"
+        ) from None
 
 
 def load_agent(run_dir: Path, device: str = "cpu"):

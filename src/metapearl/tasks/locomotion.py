@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from metapearl.tasks.base import Task
-from metapearl.tasks.mujoco import FixedTasks, MujocoFamily
+from metapearl.tasks.mujoco import FixedTasks, MujocoFamily, x_velocity
 
 
 def contact_cost(sim) -> float:
@@ -46,7 +46,7 @@ class CheetahVel(MujocoFamily):
         return {"velocity": float(rng.uniform(0.0, 3.0))}
 
     def reward(self, sim, task, before, action):
-        v_x = (sim.data.qpos[0] - before[0]) / sim.dt
+        v_x = x_velocity(sim, before)
         return -abs(v_x - task["velocity"]) - 0.05 * float(np.square(action).sum()), False
 
 
@@ -59,7 +59,7 @@ class CheetahDir(FixedTasks, MujocoFamily):
     tasks = ({"direction": -1.0}, {"direction": 1.0})
 
     def reward(self, sim, task, before, action):
-        v_x = (sim.data.qpos[0] - before[0]) / sim.dt
+        v_x = x_velocity(sim, before)
         return task["direction"] * v_x - 0.05 * float(np.square(action).sum()), False
 
 

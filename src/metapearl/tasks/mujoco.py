@@ -84,6 +84,11 @@ class MujocoFamily(TaskFamily):
         raise NotImplementedError
 
 
+def x_velocity(sim, before: np.ndarray) -> float:
+    """Forward velocity of the root over the last step: (x' - x) / control dt (`before`: snapshot)."""
+    return (sim.data.qpos[0] - before[0]) / sim.dt
+
+
 class FixedTasks(TaskFamily):
     """A family with a short fixed task list (e.g. forward/backward): train = test = the list."""
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from metapearl.tasks.base import Task
-from metapearl.tasks.mujoco import MujocoFamily, TaskEnv, require_mujoco
+from metapearl.tasks.mujoco import MujocoFamily, TaskEnv, require_mujoco, x_velocity
 
 # parameter -> base of the log-uniform multiplier (1.5^U(-3, 3) or 1.3^U(-3, 3))
 RAND_PARAMS = {"body_mass": 1.5, "body_inertia": 1.5, "geom_friction": 1.5, "dof_damping": 1.3}
@@ -52,7 +52,7 @@ class RandParams(MujocoFamily):
         env.task = task
 
     def reward(self, sim, task, before, action):
-        v_x = (sim.data.qpos[0] - before[0]) / sim.dt
+        v_x = x_velocity(sim, before)
         return v_x + 1.0 - 1e-3 * float(np.square(action).sum()), not self.healthy(sim)
 
     def healthy(self, sim) -> bool:
