@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-EXTRAS=${EXTRAS:-test,mujoco}
+EXTRAS=${EXTRAS:-test,mujoco,tensorboard,video}
 
 pip_install() {
   # pip's find-links may name folders missing on this machine: drop those warnings only

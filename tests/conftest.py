@@ -1,4 +1,9 @@
+import os
+
 import pytest
+
+# the tests run headless: MuJoCo must pick its offscreen GL before any test imports it
+os.environ.setdefault("MUJOCO_GL", "egl")
 
 from metapearl.config import make_config
 

@@ -80,3 +80,59 @@ def test_encoder_buffer_holds_only_the_latest_collection_and_no_extra_rl_steps(t
             assert tr.rl_buffer.sizes[t] - rl0[t] >= 60
         else:
             assert tr.enc_buffer.sizes[t] == enc0[t] and tr.rl_buffer.sizes[t] == rl0[t]
+
+
+def test_sequence_batches_are_whole_trajectories_in_collection_order():
+    buf = TaskReplayBuffer(2, 2, 1, max_size=1000, initial_capacity=4)
+    lengths = [5, 3, 7, 4, 6]  # trajectories of task 0, rows numbered 0..24 in collection order
+    starts, n0 = [], 0
+    for length in lengths:
+        buf.add(0, _rows(buf, 0, length, start=n0))
+        starts.append(n0)
+        n0 += length
+    buf.add(1, _rows(buf, 1, 30))
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(40):
+        batch = buf.sample(torch.tensor([0, 1, 0]), 9, g, sequence=True)
+        for i in (0, 2):
+            idx = batch.obs[i, :, 1].tolist()
+            assert idx[0] in starts and idx == list(range(int(idx[0]), int(idx[0]) + 9))
+            seen.add(idx[0])
+        assert torch.all(batch.obs[1, :, 0] == 1000)
+    assert seen == {0, 5, 8, 15}  # every start with 9 rows after it (row 19 + 9 > 25)
+
+
+def test_sequence_batches_follow_fifo_wraparound():
+    buf = TaskReplayBuffer(1, 2, 1, max_size=10, initial_capacity=10)
+    for k in range(4):  # four trajectories of 4 rows: rows 6..15 survive, starts 8 and 12
+        buf.add(0, _rows(buf, 0, 4, start=4 * k))
+    g = torch.Generator().manual_seed(1)
+    firsts = set()
+    for _ in range(30):
+        idx = buf.sample(torch.tensor([0]), 4, g, sequence=True).obs[0, :, 1].tolist()
+        assert idx == list(range(int(idx[0]), int(idx[0]) + 4))
+        firsts.add(idx[0])
+    assert firsts == {8.0, 12.0}
+    state = buf.state_dict()
+    copy = TaskReplayBuffer(1, 2, 1, max_size=10)
+    copy.load_state_dict(state)
+    assert np.array_equal(copy.starts, buf.starts)
+
+
+def test_rnn_traj_trainer_draws_contiguous_rl_and_context_batches(tiny_config, tmp_path):
+    cfg = tiny_config("point-robot", encoder="rnn-traj", batch_size=12, embedding_batch_size=10)
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    tr.collect_iteration_data()
+    drawn = []
+    real = tr.update.step
+    tr.update.step = lambda rl, ctx, g: drawn.append((rl, ctx)) or real(rl, ctx, g)
+    tr.train_steps_for_iteration()
+    assert len(drawn) == cfg.num_train_steps_per_itr
+    for rl, ctx in drawn:
+        for batch in (rl, ctx):  # consecutive rows: each next obs is the following row's obs
+            same_traj = batch.next_obs[:, :-1] == batch.obs[:, 1:]
+            boundary = ~same_traj.all(dim=-1)
+            # a break only where a trajectory ends (every max_path_length rows from the start)
+            pos = torch.nonzero(boundary)[:, 1] + 1
+            assert torch.all(pos % cfg.max_path_length == 0)

@@ -2,7 +2,12 @@ import math
 
 import torch
 
-from metapearl.encoder import ContextEncoder, kl_to_standard_normal, product_of_gaussians
+from metapearl.encoder import (
+    ContextEncoder,
+    RecurrentEncoder,
+    kl_to_standard_normal,
+    product_of_gaussians,
+)
 
 
 def test_product_of_two_gaussians_known_answer():
@@ -70,3 +75,41 @@ def test_encoder_variance_is_softplus_of_raw_output_clamped():
     mu, var = enc(ctx)  # one factor: the posterior is that factor
     torch.testing.assert_close(mu, raw[..., :2].reshape(1, 2))
     torch.testing.assert_close(var, torch.nn.functional.softplus(raw[..., 2:]).reshape(1, 2))
+
+
+def test_recurrent_encoder_reads_the_context_in_order_and_masks_padding():
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    enc = RecurrentEncoder(4, 3, 8, information_bottleneck=True, bptt_steps=0).eval()
+    ctx = torch.randn(2, 6, 4, generator=g)
+    mu, var = enc(ctx)
+    assert mu.shape == (2, 3) and torch.all(var > 0)
+    flipped, _ = enc(ctx.flip(1))
+    assert not torch.allclose(mu, flipped)  # order matters, unlike the product of Gaussians
+    # task 1 with its last two rows masked equals task 1 given only its first four rows
+    mask = torch.tensor([[1.0] * 6, [1.0] * 4 + [0.0] * 2])
+    mu_m, var_m = enc(ctx, mask)
+    mu_4, var_4 = enc(ctx[1:, :4])
+    torch.testing.assert_close(mu_m[1], mu_4[0])
+    torch.testing.assert_close(mu_m[0], mu[0])
+    mu_e, var_e = enc(ctx, torch.zeros(2, 6))
+    assert torch.all(mu_e == 0) and torch.all(var_e == 1)  # empty context: the prior
+
+
+def test_recurrent_encoder_truncates_backprop_only_in_training():
+    torch.manual_seed(0)
+    ctx = torch.randn(1, 8, 4, requires_grad=True)
+    enc = RecurrentEncoder(4, 2, 8, information_bottleneck=False, bptt_steps=3)
+    enc(ctx)[0].sum().backward()
+    # the output depends on all 8 rows, but the gradient reaches only the last chunk (rows 6, 7)
+    reached = ctx.grad.abs().sum(dim=-1)[0] > 0
+    assert reached.tolist() == [False] * 6 + [True] * 2
+    full = RecurrentEncoder(4, 2, 8, information_bottleneck=False, bptt_steps=0)
+    ctx.grad = None
+    full(ctx)[0].sum().backward()
+    assert bool((ctx.grad.abs().sum(dim=-1) > 0).all())
+    enc.eval()  # evaluation runs the whole context at once: same values as chunked training
+    with torch.no_grad():
+        torch.testing.assert_close(enc(ctx)[0], enc.train()(ctx)[0])
+    _, var = enc(ctx)
+    assert torch.all(var == 0)  # deterministic z

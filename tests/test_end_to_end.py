@@ -46,8 +46,9 @@ def test_same_seed_gives_identical_progress(tiny_config, tmp_path):
     assert _numbers(tmp_path / "a") != _numbers(tmp_path / "c")
 
 
-def test_interrupted_run_resumes_to_the_same_numbers(tiny_config, tmp_path, monkeypatch):
-    cfg = tiny_config(num_iterations=4)
+@pytest.mark.parametrize("encoder", ["pog", "rnn-tran", "rnn-traj"])
+def test_interrupted_run_resumes_to_the_same_numbers(encoder, tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config(num_iterations=4, encoder=encoder)
     train(cfg, tmp_path / "whole", progress=False)
 
     import metapearl.trainer as trainer_mod
@@ -114,3 +115,41 @@ def test_user_defined_family_from_the_readme_trains(tiny_config, tmp_path):
     summary = train(tiny_config("pendulum-gravity"), tmp_path / "pend", progress=False)
     assert summary.iterations == 2 and np.isfinite(summary.final_test_return)
     assert (tmp_path / "pend" / "plots" / "learning_curve.png").exists()
+
+
+def test_tensorboard_events_hold_the_progress_scalars_and_resume_purges(tiny_config, tmp_path,
+                                                                       monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import metapearl.trainer as trainer_mod
+
+    cfg = tiny_config(num_iterations=3, tensorboard=True)
+    whole = tmp_path / "whole"
+    train(cfg, whole, progress=False)
+    events = EventAccumulator(str(whole)).Reload()
+    rows = read_progress(whole / "progress.csv")
+    for name in ("AverageReturn_all_test_tasks", "Loss/qf", "Z/variance", "Time/train_s"):
+        scalars = events.Scalars(name)
+        assert [s.step for s in scalars] == [int(r["Number of env steps total"]) for r in rows]
+        np.testing.assert_allclose([s.value for s in scalars], [float(r[name]) for r in rows],
+                                   rtol=1e-6)
+    # the 3rd checkpoint is never written: iteration 2's events are purged and written again
+    real_save, saved = trainer_mod.save_checkpoint, []
+
+    def save_then_die(run_dir, state):
+        saved.append(1)
+        if len(saved) == 3:
+            raise KeyboardInterrupt
+        real_save(run_dir, state)
+
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", save_then_die)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, cut, progress=False)
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
+    train(cfg, cut, resume=True, progress=False)
+    resumed = EventAccumulator(str(cut)).Reload().Scalars("Loss/qf")
+    assert [s.step for s in resumed] == [s.step for s in events.Scalars("Loss/qf")]
+    np.testing.assert_allclose([s.value for s in resumed],
+                               [s.value for s in events.Scalars("Loss/qf")], rtol=1e-6)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from metapearl.encoder import ContextEncoder, prior, sample_z
+from metapearl.encoder import make_encoder, prior, sample_z
 from metapearl.networks import TanhGaussianPolicy
 
 
@@ -45,14 +45,15 @@ class PEARLAgent(nn.Module):
         use_next_obs_in_context: bool = False,
         action_low: np.ndarray | None = None,
         action_high: np.ndarray | None = None,
+        encoder: str = "pog",
+        rnn_bptt_steps: int = 0,
     ):
         super().__init__()
         self.obs_dim, self.action_dim, self.latent_size = obs_dim, action_dim, latent_size
         self.use_next_obs_in_context = use_next_obs_in_context
         self.context_dim = obs_dim + action_dim + 1 + (obs_dim if use_next_obs_in_context else 0)
-        self.encoder = ContextEncoder(
-            self.context_dim, latent_size, encoder_size, use_information_bottleneck
-        )
+        self.encoder = make_encoder(encoder, self.context_dim, latent_size, encoder_size,
+                                    use_information_bottleneck, rnn_bptt_steps)
         self.policy = TanhGaussianPolicy(obs_dim + latent_size, action_dim, net_size)
         low = -np.ones(action_dim) if action_low is None else np.asarray(action_low, np.float64)
         high = np.ones(action_dim) if action_high is None else np.asarray(action_high, np.float64)
@@ -66,6 +67,7 @@ class PEARLAgent(nn.Module):
         return cls(
             obs_dim, action_dim, cfg.latent_size, cfg.net_size, cfg.encoder_size,
             cfg.use_information_bottleneck, cfg.use_next_obs_in_context, action_low, action_high,
+            cfg.encoder, cfg.rnn_bptt_steps,
         )
 
     @property

@@ -3,7 +3,8 @@
 All tasks share one (tasks, capacity, width) float32 tensor, so the RL batch (or the context batch)
 of every meta-batch task is drawn with one random draw and one indexing op. Capacity starts small
 and doubles on demand up to `max_size` rows per task (FIFO beyond), so memory follows the data a
-run actually collects.
+run actually collects. Each task also marks where its trajectories start, for the recurrent
+ablation's batches of whole trajectories (`sample(..., sequence=True)`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class TaskReplayBuffer:
         self.sizes = np.zeros(num_tasks, dtype=np.int64)
         self.tops = np.zeros(num_tasks, dtype=np.int64)  # next write position (FIFO)
         self._sizes_t = torch.zeros(num_tasks, dtype=torch.float32, device=self.device)
+        self.starts = np.zeros((num_tasks, self.capacity), dtype=bool)  # first row of a trajectory
 
     @property
     def capacity(self) -> int:
@@ -59,7 +61,8 @@ class TaskReplayBuffer:
         )
 
     def add(self, task: int, rows: np.ndarray) -> None:
-        """Append rows (n, width) to `task`, overwriting its oldest rows beyond max_size."""
+        """Append one trajectory's rows (n, width) to `task`, overwriting its oldest rows beyond
+        max_size."""
         n = len(rows)
         needed = min(self.sizes[task] + n, self.max_size)
         if needed > self.capacity:
@@ -69,6 +72,10 @@ class TaskReplayBuffer:
         first = min(len(rows_t), self.max_size - start)
         self.data[task, start:start + first] = rows_t[:first]
         self.data[task, :len(rows_t) - first] = rows_t[first:]
+        self.starts[task, start:start + first] = False
+        self.starts[task, :len(rows_t) - first] = False
+        if len(rows_t) == n:  # a trajectory longer than the buffer keeps only its tail
+            self.starts[task, start] = True
         self.tops[task] = (start + len(rows_t)) % self.max_size
         self.sizes[task] = needed
         self._sizes_t[task] = float(needed)
@@ -81,21 +88,47 @@ class TaskReplayBuffer:
         grown = torch.zeros(self.data.shape[0], cap, self.width, device=self.device)
         grown[:, :self.capacity] = self.data
         self.data = grown
+        self.starts = np.pad(self.starts, ((0, 0), (0, cap - self.starts.shape[1])))
 
     def clear(self, task: int) -> None:
         self.sizes[task] = 0
         self.tops[task] = 0
         self._sizes_t[task] = 0.0
+        self.starts[task] = False
 
-    def sample(self, tasks: torch.Tensor, n: int, generator: torch.Generator | None) -> Batch:
-        """n transitions per task, uniform with replacement: tasks (B,) -> Batch of (B, n, dim)."""
+    def sample(self, tasks: torch.Tensor, n: int, generator: torch.Generator | None,
+               sequence: bool = False) -> Batch:
+        """n transitions per task: tasks (B,) -> Batch of (B, n, dim).
+
+        Uniform with replacement; with `sequence`, n consecutive rows from the start of a random
+        trajectory (whole trajectories in the order they were collected, the last one cut at n).
+        """
         sizes = self._sizes_t[tasks]
         if bool((sizes == 0).any()):
             empty = tasks[sizes == 0].tolist()
             raise RuntimeError(f"cannot sample from empty buffers of tasks {empty}")
-        u = torch.rand(len(tasks), n, generator=generator, device=self.device)
-        idx = (u * sizes[:, None]).long()
+        if sequence:
+            idx = self._sequence_index(tasks.tolist(), n, generator)
+        else:
+            u = torch.rand(len(tasks), n, generator=generator, device=self.device)
+            idx = (u * sizes[:, None]).long()
         return self.split(self.data[tasks[:, None], idx])
+
+    def _sequence_index(self, tasks: list[int], n: int, generator: torch.Generator | None):
+        """Row indices (B, n): for each task, n rows in collection order from a trajectory start
+        chosen uniformly among those with n rows after them (the oldest start if none has)."""
+        u = torch.rand(len(tasks), generator=generator).tolist()
+        first = np.empty(len(tasks), dtype=np.int64)
+        oldest = np.empty(len(tasks), dtype=np.int64)
+        for i, t in enumerate(tasks):
+            size = int(self.sizes[t])
+            oldest[i] = self.tops[t] if size == self.max_size else 0
+            age = (np.flatnonzero(self.starts[t, :size]) - oldest[i]) % size  # 0 = oldest row
+            fits = np.sort(age[age <= size - n])
+            first[i] = fits[int(u[i] * len(fits))] if len(fits) else (age.min() if len(age) else 0)
+        sizes = self.sizes[tasks]
+        idx = (oldest[:, None] + (first[:, None] + np.arange(n)) % sizes[:, None]) % sizes[:, None]
+        return torch.as_tensor(idx, device=self.device)
 
     def all_of(self, task: int) -> Batch:
         """Every stored transition of one task, as a Batch of (1, size, dim)."""
@@ -112,7 +145,8 @@ class TaskReplayBuffer:
     def state_dict(self) -> dict:
         used = int(self.sizes.max()) if len(self.sizes) else 0
         return {"data": self.data[:, :used].clone(), "sizes": torch.as_tensor(self.sizes),
-                "tops": torch.as_tensor(self.tops)}
+                "tops": torch.as_tensor(self.tops),
+                "starts": torch.as_tensor(self.starts[:, :used].copy())}
 
     def load_state_dict(self, state: dict) -> None:
         data = state["data"].to(self.device)
@@ -126,6 +160,8 @@ class TaskReplayBuffer:
         self.sizes = state["sizes"].numpy().astype(np.int64).copy()
         self.tops = state["tops"].numpy().astype(np.int64).copy()
         self._sizes_t = torch.as_tensor(self.sizes, dtype=torch.float32, device=self.device)
+        self.starts = np.zeros((tasks, self.capacity), dtype=bool)
+        self.starts[:, :data.shape[1]] = state["starts"].numpy()
 
 
 def sample_context(
@@ -136,17 +172,19 @@ def sample_context(
     n: int,
     generator: torch.Generator | None,
     rl_batch: Batch | None = None,
+    sequence: bool = False,
 ) -> Batch:
     """The context batch S_c (SPEC section 4) for `tasks`: (B, n, dim) transitions.
 
     recent: from the encoder buffer (data of the latest collection, the paper's choice);
     off-policy: a separate draw from the whole RL buffer;
     off-policy-rl-batch: the RL batch itself.
+    With `sequence` (the rnn-traj encoder), whole trajectories in collection order.
     """
     if sampler == "recent":
-        return enc_buffer.sample(tasks, n, generator)
+        return enc_buffer.sample(tasks, n, generator, sequence)
     if sampler == "off-policy":
-        return rl_buffer.sample(tasks, n, generator)
+        return rl_buffer.sample(tasks, n, generator, sequence)
     if sampler == "off-policy-rl-batch":
         if rl_batch is None:
             raise ValueError("off-policy-rl-batch needs the RL batch")

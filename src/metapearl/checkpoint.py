@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: buffers mark trajectory starts
 CHECKPOINT_NAME = "checkpoints/latest.pt"
 
 
@@ -120,8 +120,12 @@ def _first_line(e: BaseException) -> str:
 
 
 def check_compatible(state: dict[str, Any], cfg) -> None:
-    """CheckpointError unless the checkpoint was written by a run with config `cfg`."""
-    stored, current = state["config"], cfg.to_dict()
+    """CheckpointError unless the checkpoint was written by a run with config `cfg`.
+
+    A field the stored config lacks (added to metapearl after the run was written) counts as its
+    default, as `PEARLConfig.from_dict` reads it.
+    """
+    stored, current = {**type(cfg)().to_dict(), **state["config"]}, cfg.to_dict()
     if stored != current:
         changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
         raise CheckpointError(

@@ -1,4 +1,4 @@
-"""The `metapearl` command line: train, eval, plot, tasks, config."""
+"""The `metapearl` command line: train, eval, plot, video, tasks, config."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ EXAMPLES = """examples:
   metapearl train sparse-point-robot --preset paper
   metapearl train point-robot --resume --out runs/pr1   # continue a run
   metapearl eval runs/pr1                           # meta-test the latest checkpoint
+  metapearl plot runs/pr-s0 runs/pr-s1 runs/pr-s2 --out plots/pr   # curves over seeds
+  metapearl video runs/cheetah --task 3             # mp4 of the agent adapting to test task 3
   metapearl config point-robot --preset paper       # every field, its value and meaning
 """
 
@@ -76,7 +78,7 @@ def _cmd_eval(args) -> int:
 
     from metapearl.checkpoint import load_agent, load_checkpoint, load_run_config
     from metapearl.evaluation import meta_test
-    from metapearl.plots import plot_adaptation_curve
+    from metapearl.plots import adaptation_curves
     from metapearl.tasks import get_family
 
     run_dir = Path(args.run_dir)
@@ -99,7 +101,7 @@ def _cmd_eval(args) -> int:
         writer.writerow(["iteration", "env_steps", "split", "trajectory", "return"])
         for k, ret in enumerate(result.adaptation_curve(), start=1):
             writer.writerow([state["iteration"], state["env_steps"], "test", k, repr(float(ret))])
-    png = plot_adaptation_curve(run_dir, out)
+    png, _ = adaptation_curves({run_dir.name: [run_dir]}, run_dir / "plots" / out.stem, out.name)
     curve = ", ".join(f"{x:.2f}" for x in result.adaptation_curve())
     print(f"adaptation curve (return of trajectory k): {curve}")
     print(f"wrote {out} and {png}")
@@ -110,16 +112,54 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_plot(args) -> int:
-    from metapearl.plots import plot_adaptation_curve, plot_learning_curve
+    from metapearl.plots import (
+        SUCCESS,
+        adaptation_curves,
+        adaptation_rollouts,
+        exploration,
+        group_runs,
+        learning_curves,
+        posterior,
+    )
 
-    for run in args.run_dirs:
-        run = Path(run)
-        if not (run / "progress.csv").exists():
-            raise CheckpointError(f"{run} is not a metapearl run (no progress.csv)")
-        print(plot_learning_curve(run))
-        if (run / "eval" / "adaptation.csv").exists():
-            print(plot_adaptation_curve(run))
+    groups = group_runs(args.run_dirs, args.group_by)
+    runs = [run for group in groups.values() for run in group]
+    out = Path(args.out) if args.out else (runs[0] / "plots" if len(runs) == 1 else Path("plots"))
+    paths = learning_curves(groups, out / "learning_curves")
+    if all(column_present(run, SUCCESS) for run in runs):
+        paths += learning_curves(groups, out / "success_curves", SUCCESS)
+    paths += adaptation_curves(groups, out / "adaptation_curves")
+    if args.tasks > 0:
+        for label, group in groups.items():
+            run = group[0]  # the pictures of the agent: the first run of each group
+            name = "" if len(groups) == 1 else "_" + "".join(
+                c if c.isalnum() or c in "-." else "_" for c in label)
+            rollouts = adaptation_rollouts(run, args.tasks)
+            paths += posterior(run, out / f"posterior{name}", rollouts)
+            if "goal" in rollouts[0]["task"] and rollouts[0]["trajectories"][0][0].shape[-1] == 2:
+                paths += exploration(run, out / f"exploration{name}", rollouts)
+    for path in paths:
+        print(path)
     return 0
+
+
+def _cmd_video(args) -> int:
+    from metapearl.video import render_adaptation
+
+    run_dir = Path(args.run_dir)
+    out = Path(args.out) if args.out else run_dir / "videos" / f"task{args.task}.mp4"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = render_adaptation(run_dir, args.task, out, args.trajectories, args.width,
+                               args.height, args.every, args.seed)
+    returns = ", ".join(f"{r:.1f}" for r in result["returns"])
+    print(f"wrote {result['path']} ({result['frames']} frames); returns of the trajectories: "
+          f"{returns}")
+    return 0
+
+
+def column_present(run: Path, name: str) -> bool:
+    with (run / "progress.csv").open() as f:
+        return name in f.readline().split(",")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,9 +193,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation's z draws")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("plot", help="redraw a run's plots", description="Write plots/*.png.")
-    p.add_argument("run_dirs", nargs="+")
+    p = sub.add_parser(
+        "plot", help="plot runs: learning curves over seeds, adaptation, exploration, posterior",
+        description="Write PNG and SVG figures of one or more runs: learning curves (test return "
+        "and, where logged, success rate against env steps; mean and +-1 std band over the runs "
+        "of a group), adaptation curves (return of trajectory k in a new task), and pictures of "
+        "the first run of each group adapting to test tasks: the posterior's mean and variance "
+        "as context accumulates, and for 2-D families the successive exploration trajectories.",
+        epilog="Runs are grouped by --group-by KEY (a config field), by labels (LABEL=RUN_DIR), "
+        "or else by their config without the seed. Example: metapearl plot runs/pr-s0 runs/pr-s1 "
+        "runs/pr-s2 --out plots/point-robot")
+    p.add_argument("run_dirs", nargs="+", metavar="[LABEL=]RUN_DIR")
+    p.add_argument("--group-by", default=None, metavar="KEY", help="group runs by this config key")
+    p.add_argument("--out", default=None,
+                   help="output directory (default RUN_DIR/plots for one run, else ./plots)")
+    p.add_argument("--tasks", type=int, default=3,
+                   help="test tasks in the exploration and posterior pictures (0: skip them)")
     p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser(
+        "video", help="render a MuJoCo run's agent adapting to a test task (mp4 or gif)",
+        description="Render the run's agent adapting to test task K offscreen, following the "
+        "meta-test protocol: trajectories one after another, the posterior re-inferred from the "
+        "context gathered so far. Needs an offscreen OpenGL: MUJOCO_GL=egl (the default; Debian "
+        "package libegl1) or MUJOCO_GL=osmesa (Debian package libosmesa6); mp4 needs "
+        "imageio-ffmpeg (the video extra), gif needs nothing more.")
+    p.add_argument("run_dir")
+    p.add_argument("--task", type=int, default=0, metavar="K", help="test task index (default 0)")
+    p.add_argument("--out", default=None,
+                   help="output file, .mp4 or .gif (default RUN_DIR/videos/taskK.mp4)")
+    p.add_argument("--trajectories", type=int, default=None,
+                   help="trajectories to show (default: the meta-test's, num_steps_per_eval / "
+                   "max_path_length)")
+    p.add_argument("--width", type=int, default=480)
+    p.add_argument("--height", type=int, default=320)
+    p.add_argument("--every", type=int, default=1, help="render one step in this many")
+    p.add_argument("--seed", type=int, default=0, help="seed of the z draws and env resets")
+    p.set_defaults(func=_cmd_video)
 
     p = sub.add_parser("tasks", help="list task families", description="List task families.")
     p.set_defaults(func=_cmd_tasks)

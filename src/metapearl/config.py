@@ -40,6 +40,13 @@ class PEARLConfig:
         True, "stochastic z with KL to N(0,I); False: deterministic z = mean of encoder outputs"
     )
     use_next_obs_in_context: bool = _f(False, "context transitions include s' as well as (s,a,r)")
+    encoder: str = _f(
+        "pog", "context encoder: pog (product of Gaussians, the paper's), rnn-tran (GRU over "
+        "independent transitions), rnn-traj (GRU over whole trajectories; RL batch too)"
+    )
+    rnn_bptt_steps: int = _f(
+        100, "recurrent encoders: backpropagate through at most this many steps (0: all)"
+    )
     # losses (SPEC section 3)
     meta_batch: int = _f(16, "training tasks per gradient step")
     batch_size: int = _f(256, "RL batch: transitions per task per gradient step")
@@ -77,6 +84,9 @@ class PEARLConfig:
     # engineering
     max_parallel_envs: int = _f(64, "environments stepped side by side during collection")
     torch_threads: int = _f(0, "torch intra-op threads (0: torch's default)")
+    tensorboard: bool = _f(
+        False, "also write progress.csv's scalars as TensorBoard events (needs [tensorboard])"
+    )
 
     def validate(self) -> PEARLConfig:
         """Raise ConfigError naming the first invalid value; return self when all are valid."""
@@ -96,7 +106,8 @@ class PEARLConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         non_negative = [
-            "seed", "num_initial_steps", "num_tasks_sample", "num_steps_prior", "num_steps_posterior",
+            "seed", "rnn_bptt_steps", "num_initial_steps", "num_tasks_sample", "num_steps_prior",
+            "num_steps_posterior",
             "num_extra_rl_steps_posterior", "num_train_steps_per_itr", "kl_lambda",
             "policy_mean_reg_weight", "policy_std_reg_weight", "torch_threads",
         ]
@@ -110,6 +121,8 @@ class PEARLConfig:
             raise ConfigError(f"discount must be in [0, 1], got {self.discount}")
         if not 0.0 < self.soft_target_tau <= 1.0:
             raise ConfigError(f"soft_target_tau must be in (0, 1], got {self.soft_target_tau}")
+        if self.encoder not in ENCODERS:
+            raise ConfigError(f"encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
         if self.context_sampler not in CONTEXT_SAMPLERS:
             raise ConfigError(
                 f"context_sampler must be one of {', '.join(CONTEXT_SAMPLERS)}, "
@@ -145,6 +158,7 @@ class PEARLConfig:
 
 
 CONTEXT_SAMPLERS = ("recent", "off-policy", "off-policy-rl-batch")
+ENCODERS = ("pog", "rnn-tran", "rnn-traj")
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(PEARLConfig))
 
 

@@ -1,4 +1,5 @@
-"""The context encoder q(z | c) as a product of Gaussian factors (SPEC section 2)."""
+"""The context encoder q(z | c) (SPEC section 2): a product of Gaussian factors, or the recurrent
+ablation (a GRU over the context in order); either with a deterministic z as a further ablation."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metapearl.networks import MLP
+from metapearl.config import ENCODERS
+from metapearl.networks import LAST_LAYER_INIT, MLP
 
 MIN_VARIANCE = 1e-7
 
@@ -66,6 +68,68 @@ class ContextEncoder(nn.Module):
             mean = (out * mask.unsqueeze(-1)).sum(dim=1) / count.clamp_min(1.0)
             mean = mean.masked_fill(count == 0, 0.0)
         return mean, torch.zeros_like(mean)
+
+
+class RecurrentEncoder(nn.Module):
+    """The recurrent ablation: an MLP per transition, a GRU over the context in order, and
+    (mu, sigma2) from the GRU's last state (the deterministic variant: z from the last state).
+
+    Backpropagation through time is truncated to `bptt_steps` steps (0: the whole context): the
+    hidden state is detached between chunks, so the gradient of a long context stays bounded in
+    cost and size; the forward pass still sees the whole context.
+    """
+
+    def __init__(self, context_dim: int, latent: int, hidden: int, information_bottleneck: bool,
+                 bptt_steps: int = 0):
+        super().__init__()
+        self.latent = latent
+        self.information_bottleneck = information_bottleneck
+        self.bptt_steps = bptt_steps
+        self.embed = nn.Sequential(nn.Linear(context_dim, hidden), nn.ReLU(),
+                                   nn.Linear(hidden, hidden), nn.ReLU())
+        self.gru = nn.GRU(hidden, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 2 * latent if information_bottleneck else latent)
+        nn.init.uniform_(self.head.weight, -LAST_LAYER_INIT, LAST_LAYER_INIT)
+        nn.init.uniform_(self.head.bias, -LAST_LAYER_INIT, LAST_LAYER_INIT)
+
+    def forward(
+        self, context: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """context: (tasks, n, context_dim) in order; mask: (tasks, n) of valid-rows-first or None.
+
+        -> (mu, var), each (tasks, latent), read from the state after each task's last valid row.
+        """
+        tasks, n = context.shape[:2]
+        if n == 0:
+            return prior(tasks, self.latent, context.device, self.information_bottleneck)
+        x = self.embed(context)
+        chunk = self.bptt_steps if self.bptt_steps > 0 and self.training else n
+        h, outs = None, []
+        for start in range(0, n, chunk):
+            out, h = self.gru(x[:, start:start + chunk], None if h is None else h.detach())
+            outs.append(out)
+        out = torch.cat(outs, dim=1)
+        lengths = (torch.full((tasks,), n, device=context.device) if mask is None
+                   else mask.sum(dim=1).long())
+        last = out[torch.arange(tasks, device=context.device), (lengths - 1).clamp_min(0)]
+        params = self.head(last)
+        empty = (lengths == 0).unsqueeze(-1)
+        if self.information_bottleneck:
+            mu, raw = params.split(self.latent, dim=-1)
+            var = F.softplus(raw).clamp_min(MIN_VARIANCE)
+            return mu.masked_fill(empty, 0.0), var.masked_fill(empty, 1.0)
+        return params.masked_fill(empty, 0.0), torch.zeros_like(params)
+
+
+def make_encoder(kind: str, context_dim: int, latent: int, hidden: int,
+                 information_bottleneck: bool, bptt_steps: int = 0) -> nn.Module:
+    """The encoder of config field `encoder`: `pog`, or `rnn-tran` / `rnn-traj` (a GRU; the two
+    differ in how the trainer samples their batches, not in the network)."""
+    if kind == "pog":
+        return ContextEncoder(context_dim, latent, hidden, information_bottleneck)
+    if kind in ("rnn-tran", "rnn-traj"):
+        return RecurrentEncoder(context_dim, latent, hidden, information_bottleneck, bptt_steps)
+    raise ValueError(f"unknown encoder {kind!r}; known: {', '.join(ENCODERS)}")
 
 
 def prior(

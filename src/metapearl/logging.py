@@ -1,4 +1,5 @@
-"""The run's tabular log: progress.csv, one row per iteration, fixed columns."""
+"""The run's logs: progress.csv (one row per iteration, fixed columns) and, optionally, the same
+scalars as TensorBoard event files."""
 
 from __future__ import annotations
 
@@ -35,6 +36,35 @@ class ProgressLog:
         with self.path.open("a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
             writer.writerow({k: _fmt(v) for k, v in row.items()})
+
+
+class TensorBoardLog:
+    """progress.csv's numeric columns as TensorBoard scalars (events.* in the run directory).
+
+    The step is the env-step count. On resume, events past the checkpoint are purged, as rows of
+    progress.csv are. Needs the optional `tensorboard` extra.
+    """
+
+    def __init__(self, run_dir: Path, resume_env_steps: int = 0):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            from metapearl.tasks import MissingExtraError
+
+            raise MissingExtraError("tensorboard=true needs TensorBoard: "
+                                    "pip install 'metapearl[tensorboard]'") from None
+        purge = resume_env_steps + 1 if resume_env_steps > 0 else None
+        self.writer = SummaryWriter(str(run_dir), purge_step=purge)
+
+    def write(self, row: dict) -> None:
+        step = int(row["Number of env steps total"])
+        for name, value in row.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def truncate_csv(path: Path, iteration_column: str, keep_iterations: int) -> None:

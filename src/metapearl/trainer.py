@@ -28,7 +28,13 @@ from metapearl.checkpoint import (
 from metapearl.config import ConfigError, PEARLConfig
 from metapearl.evaluation import EvalResult, meta_test, offline_test
 from metapearl.guards import NonFiniteError
-from metapearl.logging import ProgressLog, column, read_progress, truncate_csv
+from metapearl.logging import (
+    ProgressLog,
+    TensorBoardLog,
+    column,
+    read_progress,
+    truncate_csv,
+)
 from metapearl.rollout import Belief, Trajectory, collect
 from metapearl.sac import STAT_NAMES, Critics, PEARLUpdate
 from metapearl.tasks import get_family
@@ -151,6 +157,7 @@ class Trainer:
             raise CheckpointError(f"cannot write the run directory {self.run_dir}: {e}") from None
         self.log = ProgressLog(self.run_dir / "progress.csv")
         self.log.truncate(self.iteration)
+        self.tb_log = TensorBoardLog(self.run_dir, self.env_steps) if self.cfg.tensorboard else None
         truncate_csv(self.run_dir / "eval" / "adaptation.csv", "iteration", self.iteration)
 
     def state_dict(self) -> dict:
@@ -189,6 +196,11 @@ class Trainer:
         except (ValueError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"the checkpoint's generator states do not fit ({e})") from None
 
+    @property
+    def sequence_batches(self) -> bool:
+        """RL and context batches as whole trajectories (the rnn-traj ablation), not transitions."""
+        return self.cfg.encoder == "rnn-traj"
+
     # --- data collection (SPEC section 4) -------------------------------------------------------
     def _context_source(self) -> TaskReplayBuffer:
         """The buffer inference contexts come from: the encoder buffer for `recent`, else RL."""
@@ -197,7 +209,8 @@ class Trainer:
     def _context(self, tasks: list[int]) -> torch.Tensor:
         """Context rows (len(tasks), embedding_batch_size, context_dim) for inference in a task."""
         idx = torch.as_tensor(tasks, device=self.device)
-        b = self._context_source().sample(idx, self.cfg.embedding_batch_size, self.gen)
+        b = self._context_source().sample(idx, self.cfg.embedding_batch_size, self.gen,
+                                          self.sequence_batches)
         return self.agent.make_context(b.obs, b.actions, b.context_rewards, b.next_obs)
 
     @torch.no_grad()
@@ -264,9 +277,10 @@ class Trainer:
         for _ in range(cfg.num_train_steps_per_itr):
             tasks = torch.randint(cfg.num_train_tasks, (cfg.meta_batch,), generator=self.gen,
                                   device=self.device)
-            rl = self.rl_buffer.sample(tasks, cfg.batch_size, self.gen)
+            rl = self.rl_buffer.sample(tasks, cfg.batch_size, self.gen, self.sequence_batches)
             context = sample_context(cfg.context_sampler, self.rl_buffer, self.enc_buffer, tasks,
-                                     cfg.embedding_batch_size, self.gen, rl)
+                                     cfg.embedding_batch_size, self.gen, rl,
+                                     self.sequence_batches)
             total += self.update.step(rl, context, self.gen)
         self.train_steps += cfg.num_train_steps_per_itr
         return total / max(cfg.num_train_steps_per_itr, 1)
@@ -354,6 +368,8 @@ class Trainer:
                 raise NonFiniteError(f"training stopped at iteration {it}: {e}; {kept} in "
                                      f"{self.run_dir}") from None
             self.log.write(row)
+            if self.tb_log is not None:
+                self.tb_log.write(row)
             self.iteration = it + 1
             save_checkpoint(self.run_dir, self.state_dict())
             if row["AverageReturn_all_test_tasks"] is not None:
@@ -362,6 +378,8 @@ class Trainer:
             if on_iteration is not None:  # after the checkpoint: a callback may stop the run
                 on_iteration(row)
         bar.close()
+        if self.tb_log is not None:
+            self.tb_log.close()
         self.make_plots()
         return self.summary()
 
@@ -376,12 +394,9 @@ class Trainer:
                        succ[-1] if succ else nan)
 
     def make_plots(self) -> None:
-        from metapearl.plots import plot_adaptation_curve, plot_learning_curve
+        from metapearl.plots import plot_run
 
-        if (self.run_dir / "progress.csv").exists():
-            plot_learning_curve(self.run_dir)
-        if (self.run_dir / "eval" / "adaptation.csv").exists():
-            plot_adaptation_curve(self.run_dir)
+        plot_run(self.run_dir)
 
 
 def train(cfg: PEARLConfig, run_dir: str | Path, resume: bool = False,

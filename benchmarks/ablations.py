@@ -1,0 +1,130 @@
+"""The paper's ablations: every variant on one family with several seeds, one figure and a table.
+
+    python benchmarks/ablations.py                       # sparse-point-robot, seeds 0 1 2
+    python benchmarks/ablations.py --iterations 50 --jobs 2 --out runs/ablations
+    python benchmarks/ablations.py --report-only --out runs/ablations
+
+Each run is `metapearl train FAMILY --seed S --set <the variant's switch>` on the default preset,
+cut to --iterations and evaluated every --eval-interval iterations, in OUT/VARIANT-sS. Finished
+runs are kept, interrupted ones resumed, so the command can be repeated after a crash. With --jobs 2
+the runs use one torch thread each. At the end: OUT/ablations.md (final success rate and return,
+mean +- std over seeds, and whether the paper's orderings hold) and OUT/ablations.png/.svg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from metapearl.logging import column, read_progress
+from metapearl.plots import plot_ablations
+
+VARIANTS = {  # name -> config overrides (the paper's section 6.3 ablations)
+    "pearl": {},
+    "rnn-tran": {"encoder": "rnn-tran"},
+    "rnn-traj": {"encoder": "rnn-traj"},
+    "deterministic": {"use_information_bottleneck": "false"},
+    "off-policy": {"context_sampler": "off-policy"},
+    "off-policy-rl-batch": {"context_sampler": "off-policy-rl-batch"},
+}
+PANELS = {  # the paper's three comparisons, each with the ordering the paper found
+    "inference network": ["pearl", "rnn-tran", "rnn-traj"],
+    "context sampling": ["pearl", "off-policy", "off-policy-rl-batch"],
+    "deterministic context": ["pearl", "deterministic"],
+}
+LABELS = {"pearl": "PEARL (recent, PoG, stochastic)"}
+
+
+def finished(run: Path, iterations: int) -> bool:
+    rows = read_progress(run / "progress.csv") if (run / "progress.csv").exists() else []
+    return bool(rows) and int(rows[-1]["Iteration"]) >= iterations - 1
+
+
+def train_one(args, variant: str, seed: int) -> str:
+    run = args.out / f"{variant}-s{seed}"
+    if finished(run, args.iterations):
+        return f"{run.name}: done before"
+    cmd = [sys.executable, "-m", "metapearl", "train", args.family, "--seed", str(seed),
+           "--out", str(run), "--no-progress"]
+    if (run / "config.json").exists():
+        cmd.append("--resume")
+    else:
+        sets = {**VARIANTS[variant], "num_iterations": args.iterations,
+                "eval_interval": args.eval_interval, "torch_threads": args.threads}
+        for key, value in sets.items():
+            cmd += ["--set", f"{key}={value}"]
+    start = time.perf_counter()
+    with (args.out / f"{run.name}.log").open("a") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    return f"{run.name}: exit {rc} after {time.perf_counter() - start:.0f} s"
+
+
+def final(run: Path, name: str, last: int) -> float:
+    """Mean of the last `last` evaluations of a progress.csv column."""
+    values = [x for x in column(read_progress(run / "progress.csv"), name) if x == x]
+    return float(np.mean(values[-last:]))
+
+
+def report(args) -> str:
+    stats = {}
+    for variant in VARIANTS:
+        runs = [args.out / f"{variant}-s{s}" for s in args.seeds]
+        runs = [r for r in runs if finished(r, args.iterations)]
+        if not runs:
+            continue
+        succ = [final(r, "SuccessRate_test_tasks", args.last) for r in runs]
+        ret = [final(r, "AverageReturn_all_test_tasks", args.last) for r in runs]
+        stats[variant] = (np.mean(succ), np.std(succ), np.mean(ret), np.std(ret), len(runs))
+    lines = [f"# Ablations on {args.family} ({args.iterations} iterations, mean of the last "
+             f"{args.last} evaluations per seed; mean +- std over seeds)", "",
+             "| variant | seeds | success rate | return |", "|---|---|---|---|"]
+    for variant, (sm, ss, rm, rs, n) in stats.items():
+        lines.append(f"| {variant} | {n} | {sm:.1%} +- {ss:.1%} | {rm:.2f} +- {rs:.2f} |")
+    lines += ["", "Orderings the paper found (by mean success rate, then return):"]
+    for panel, order in PANELS.items():
+        if all(v in stats for v in order):
+            key = [(stats[v][0], stats[v][2]) for v in order]
+            holds = all(a >= b for a, b in zip(key[:-1], key[1:], strict=True))
+            lines.append(f"- {panel}: {' > '.join(order)}: {'holds' if holds else 'does not hold'}"
+                         f" (measured: {', '.join(f'{v} {stats[v][0]:.1%}' for v in order)})")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="sparse-point-robot")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--eval-interval", type=int, default=10)
+    parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
+    parser.add_argument("--last", type=int, default=2, help="evaluations averaged per run")
+    parser.add_argument("--out", type=Path, default=Path("runs/ablations"))
+    parser.add_argument("--report-only", action="store_true", help="only table and figure")
+    args = parser.parse_args()
+    args.threads = 1 if args.jobs > 1 else 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        jobs = [(v, s) for v in args.variants for s in args.seeds]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for line in pool.map(lambda job: train_one(args, *job), jobs):
+                print(line, flush=True)
+    table = report(args)
+    (args.out / "ablations.md").write_text(table)
+    groups = {panel: {LABELS.get(v, v): [args.out / f"{v}-s{s}" for s in args.seeds
+                                         if finished(args.out / f"{v}-s{s}", args.iterations)]
+                      for v in order} for panel, order in PANELS.items()}
+    for path in plot_ablations(groups, args.out / "ablations"):
+        print(f"figure: {path}")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

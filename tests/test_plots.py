@@ -1,0 +1,123 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from metapearl import train
+from metapearl.cli import main
+from metapearl.logging import read_progress
+from metapearl.plots import PlotError, _aligned, adaptation_rollouts, group_runs
+
+
+@pytest.fixture(scope="module")
+def sparse_runs(tmp_path_factory):
+    """Three seeds of a tiny sparse-point-robot run and one run with another kl_lambda."""
+    from conftest import TINY
+
+    from metapearl.config import make_config
+
+    root = tmp_path_factory.mktemp("runs")
+    runs = []
+    for seed, kl in [(0, 0.05), (1, 0.05), (2, 0.05), (0, 0.5)]:
+        cfg = make_config("sparse-point-robot", "default",
+                          {**TINY, "seed": seed, "kl_lambda": kl, "num_iterations": 3,
+                           "num_exp_traj_eval": 2})
+        run = root / f"kl{kl}-s{seed}"
+        train(cfg, run, progress=False)
+        runs.append(run)
+    return runs
+
+
+def test_runs_are_grouped_by_config_without_seed_by_key_and_by_label(sparse_runs):
+    groups = group_runs([str(r) for r in sparse_runs])
+    assert groups == {"kl_lambda=0.05": sparse_runs[:3], "kl_lambda=0.5": sparse_runs[3:]}
+    assert group_runs([str(r) for r in sparse_runs], by="seed") == {
+        "seed=0": [sparse_runs[0], sparse_runs[3]], "seed=1": [sparse_runs[1]],
+        "seed=2": [sparse_runs[2]]}
+    labelled = group_runs([f"a={sparse_runs[0]}", f"a={sparse_runs[3]}", f"b={sparse_runs[1]}"])
+    assert labelled == {"a": [sparse_runs[0], sparse_runs[3]], "b": [sparse_runs[1]]}
+    assert group_runs([str(sparse_runs[0])]) == {"sparse-point-robot": [sparse_runs[0]]}
+    with pytest.raises(PlotError, match="config key 'nope'"):
+        group_runs([str(sparse_runs[0])], by="nope")
+
+
+def test_group_curve_is_the_mean_over_seeds_at_shared_evaluations(sparse_runs):
+    steps, values = _aligned(sparse_runs[:3], "AverageReturn_all_test_tasks")
+    rows = [read_progress(r / "progress.csv") for r in sparse_runs[:3]]
+    expected = np.array([[float(x["AverageReturn_all_test_tasks"]) for x in r] for r in rows])
+    np.testing.assert_allclose(values, expected)
+    np.testing.assert_allclose(steps, np.mean([[float(x["Number of env steps total"]) for x in r]
+                                               for r in rows], axis=0))
+
+
+def test_plot_command_writes_every_figure(sparse_runs, tmp_path, capsys):
+    out = tmp_path / "figs"
+    assert main(["plot", *map(str, sparse_runs), "--out", str(out), "--tasks", "2"]) == 0
+    names = ["learning_curves", "success_curves", "adaptation_curves",
+             "posterior_kl_lambda_0.05", "exploration_kl_lambda_0.05", "posterior_kl_lambda_0.5",
+             "exploration_kl_lambda_0.5"]
+    for name in names:
+        for suffix in (".png", ".svg"):
+            assert (out / (name + suffix)).stat().st_size > 5_000, name + suffix
+    assert len(capsys.readouterr().out.splitlines()) == 2 * len(names)
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "not a metapearl run directory" in capsys.readouterr().err
+
+
+def test_adaptation_rollouts_follow_the_meta_test_protocol(sparse_runs):
+    rollouts = adaptation_rollouts(sparse_runs[0], num_tasks=2)
+    assert len(rollouts) == 2
+    for r in rollouts:
+        assert len(r["trajectories"]) == 4  # num_steps_per_eval 40 / max_path_length 10
+        assert all(len(obs) == 10 for obs, _ in r["trajectories"])
+        n0, mu0, var0 = r["posterior"][0]
+        assert n0 == 0 and np.all(mu0 == 0) and np.all(var0 == 1)  # the prior
+        sizes = [p[0] for p in r["posterior"]]
+        assert sizes == sorted(sizes) and sizes[-1] == 40
+
+
+@pytest.fixture(scope="module")
+def cheetah_run(tmp_path_factory):
+    pytest.importorskip("mujoco")
+    run = tmp_path_factory.mktemp("video") / "cv"
+    sets = dict(num_iterations=1, num_train_tasks=2, num_test_tasks=2, num_initial_steps=30,
+                num_tasks_sample=1, num_steps_prior=30, num_extra_rl_steps_posterior=0,
+                num_train_steps_per_itr=2, num_steps_per_eval=30, max_path_length=15,
+                net_size=16, encoder_size=16, meta_batch=2, batch_size=8,
+                embedding_batch_size=8)
+    argv = ["train", "cheetah-vel", "--out", str(run), "--no-progress"]
+    assert main(argv + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]) == 0
+    return run
+
+
+def test_video_renders_the_adaptation_episodes(cheetah_run, tmp_path, capsys):
+    import imageio.v2 as imageio
+
+    gif = tmp_path / "task1.gif"
+    args = ["video", str(cheetah_run), "--task", "1", "--out", str(gif), "--every", "4",
+            "--width", "96", "--height", "64"]
+    assert main(args) == 0
+    assert "returns of the trajectories" in capsys.readouterr().out
+    frames = imageio.mimread(gif)
+    assert len(frames) == 2 * 4  # 2 trajectories of 15 steps, one frame in 4 steps
+    assert frames[0].shape[:2] == (64, 96) and frames[0].std() > 5  # a picture, not a blank
+    assert main(args[:-6] + ["--out", str(tmp_path / "a.mp4"), "--trajectories", "1"]) == 0
+    assert (tmp_path / "a.mp4").stat().st_size > 1_000
+
+
+def test_video_errors_are_one_clear_line(cheetah_run, tmp_path):
+    def video(*extra, env=None):
+        return subprocess.run([sys.executable, "-m", "metapearl", "video", str(cheetah_run),
+                               *extra], capture_output=True, text=True,
+                              env={**os.environ, **(env or {})})
+
+    bad_gl = video("--out", str(tmp_path / "x.gif"), env={"MUJOCO_GL": "nonsense"})
+    assert bad_gl.returncode == 2
+    assert bad_gl.stderr.startswith("metapearl: error: MuJoCo cannot render with MUJOCO_GL=")
+    assert "libosmesa6" in bad_gl.stderr and "Traceback" not in bad_gl.stderr
+    for extra, message in [(["--task", "7"], "--task must be in 0..1"),
+                           (["--out", "x.avi"], "must end in .mp4 or .gif")]:
+        result = video(*extra)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
