@@ -197,7 +197,9 @@ def synthetic_buffers(cfg: PEARLConfig, obs_dim: int, act_dim: int, rows: int, d
 
 def measure_collection(cfg: PEARLConfig, reps: int) -> tuple[float, float]:
     """(steps/s of a PEARL iteration's collection, steps/s of the task env, constant action)."""
-    small = PEARLConfig.from_dict({**cfg.to_dict(), "num_train_tasks": 10, "num_test_tasks": 2,
+    # the preset's task count (the draw of num_tasks_sample tasks then has repeats as rarely as in
+    # a real run, and repeats are collected one after another); one initial trajectory per task
+    small = PEARLConfig.from_dict({**cfg.to_dict(), "num_test_tasks": 2,
                                    "num_initial_steps": cfg.max_path_length})
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(small, tmp, progress=False)

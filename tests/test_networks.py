@@ -1,8 +1,9 @@
 import math
 
+import numpy as np
 import torch
 
-from metapearl.networks import MLP, EnsembleMLP, TanhGaussianPolicy
+from metapearl.networks import MLP, EnsembleMLP, NumpyTanhGaussianPolicy, TanhGaussianPolicy
 
 
 def test_tanh_gaussian_log_prob_is_the_change_of_variables_density():
@@ -62,3 +63,18 @@ def test_ensemble_equals_separate_mlps_and_detach_params_blocks_parameter_grads(
 def test_mlp_last_layer_starts_small():
     mlp = MLP(4, 32, 3)
     assert mlp.net[-1].weight.abs().max() <= 3e-3
+
+
+def test_numpy_rollout_policy_acts_as_the_torch_policy_with_the_same_noise():
+    torch.manual_seed(0)
+    policy = TanhGaussianPolicy(7, 3, 32)
+    with torch.no_grad():  # spread the outputs so the clamp and the tanh both matter
+        policy.net.net[-1].weight.mul_(300.0)
+    fast = NumpyTanhGaussianPolicy(policy)
+    x = torch.randn(5, 7, generator=torch.Generator().manual_seed(1))
+    for deterministic in (True, False):
+        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            expected = policy(x, deterministic, g1, with_log_prob=False)[0].numpy()
+        np.testing.assert_allclose(fast(x.numpy(), deterministic, g2), expected, atol=1e-5)
+        assert g1.get_state().equal(g2.get_state())  # the same draws from the run's stream

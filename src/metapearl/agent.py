@@ -24,7 +24,12 @@ import torch
 from torch import nn
 
 from metapearl.encoder import make_encoder, prior, sample_z
-from metapearl.networks import TanhGaussianPolicy
+from metapearl.networks import NumpyTanhGaussianPolicy, TanhGaussianPolicy
+
+
+def to_env_action(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Normalised actions in [-1, 1] (clipped) -> the environment's box [low, high]."""
+    return low + (np.clip(action, -1.0, 1.0) + 1.0) * 0.5 * (high - low)
 
 
 class PEARLAgent(nn.Module):
@@ -102,9 +107,23 @@ class PEARLAgent(nn.Module):
         )
         return action.cpu().numpy()
 
+    def rollout_policy(self):
+        """`policy(x, deterministic, generator) -> actions` over numpy rows x = [obs, z] (N, .),
+        for collecting with the current weights: a numpy copy of the policy on CPU (cheaper at
+        rollout batch sizes), the torch policy on other devices."""
+        if self.action_low.device.type == "cpu":
+            return NumpyTanhGaussianPolicy(self.policy)
+        device = self.action_low.device
+
+        @torch.no_grad()
+        def policy(x: np.ndarray, deterministic: bool, generator=None) -> np.ndarray:
+            x_t = torch.as_tensor(x, device=device)
+            return self.policy(x_t, deterministic, generator, with_log_prob=False)[0].cpu().numpy()
+
+        return policy
+
     def to_env_action(self, action: np.ndarray) -> np.ndarray:
-        low, high = self.action_low.cpu().numpy(), self.action_high.cpu().numpy()
-        return low + (np.clip(action, -1.0, 1.0) + 1.0) * 0.5 * (high - low)
+        return to_env_action(action, self.action_low.cpu().numpy(), self.action_high.cpu().numpy())
 
     def from_env_action(self, env_action: np.ndarray) -> np.ndarray:
         low, high = self.action_low.cpu().numpy(), self.action_high.cpu().numpy()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -110,3 +111,35 @@ class TanhGaussianPolicy(nn.Module):
             gauss = -0.5 * eps.pow(2) - log_std - 0.5 * math.log(2.0 * math.pi)
             log_prob = (gauss - tanh_log_det_jacobian(pre_tanh)).sum(-1)
         return action, log_prob, mean, log_std
+
+
+class NumpyTanhGaussianPolicy:
+    """A frozen float32 numpy copy of a TanhGaussianPolicy's action, for CPU rollouts.
+
+    A forward pass over a handful of observations costs ~3x less in numpy than through torch's
+    per-op dispatch (the rollout calls it once per env step). The Gaussian noise is drawn from the
+    same torch generator, with the same shape, as the torch policy draws it, so a run's random
+    stream does not depend on which path acts. Take a new copy after the weights change.
+    """
+
+    def __init__(self, policy: TanhGaussianPolicy):
+        linears = [m for m in policy.net.net if isinstance(m, nn.Linear)]
+        self.layers = [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy())
+                       for m in linears]
+        self.action_dim = policy.action_dim
+
+    def __call__(
+        self, x: np.ndarray, deterministic: bool, generator: torch.Generator | None = None
+    ) -> np.ndarray:
+        """x (N, in_dim) float32 -> actions (N, action_dim) in [-1, 1]."""
+        h = x
+        for w, b in self.layers[:-1]:
+            h = np.maximum(h @ w + b, 0.0)
+        w, b = self.layers[-1]
+        out = h @ w + b
+        mean = out[:, :self.action_dim]
+        if deterministic:
+            return np.tanh(mean)
+        log_std = np.clip(out[:, self.action_dim:], LOG_STD_MIN, LOG_STD_MAX)
+        eps = torch.randn(mean.shape, generator=generator).numpy()
+        return np.tanh(mean + np.exp(log_std) * eps)

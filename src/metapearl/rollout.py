@@ -17,7 +17,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from metapearl.agent import PEARLAgent
+from metapearl.agent import PEARLAgent, to_env_action
 from metapearl.encoder import sample_z
 from metapearl.guards import NonFiniteError
 
@@ -101,8 +101,11 @@ def collect(
     n = len(envs)
     obs_dim = agent.obs_dim
     rec = _Recorder(n, max_path_length, obs_dim, agent.action_dim)
-    obs = np.zeros((n, obs_dim), np.float32)
-    z = torch.zeros(n, agent.latent_size, device=belief.mu.device)
+    policy = agent.rollout_policy()  # the weights stay fixed during a collection
+    low, high = agent.action_low.cpu().numpy(), agent.action_high.cpu().numpy()
+    x = np.zeros((n, obs_dim + agent.latent_size), np.float32)  # policy input rows [obs, z]
+    obs = x[:, :obs_dim]
+    z = x[:, obs_dim:]
     steps = np.zeros(n, np.int64)
     t = np.zeros(n, np.int64)
     active = np.ones(n, bool)
@@ -111,15 +114,14 @@ def collect(
     def start(slots: list[int]) -> None:
         for i in slots:
             obs[i] = envs[i].reset()[0]
-        idx = torch.as_tensor(slots, device=z.device)
-        z[idx] = sample_z(belief.mu[idx], belief.var[idx], generator)
+        idx = torch.as_tensor(slots, device=belief.mu.device)
+        z[slots] = sample_z(belief.mu[idx], belief.var[idx], generator).cpu().numpy()
 
     start(list(range(n)))
     while active.any():
         live = np.flatnonzero(active)
-        actions = agent.act_batch(obs[live], z[torch.as_tensor(live, device=z.device)],
-                                  deterministic, generator)
-        env_actions = agent.to_env_action(actions)
+        actions = policy(x[live], deterministic, generator)
+        env_actions = to_env_action(actions, low, high)
         restart = []
         for j, i in enumerate(live):
             next_obs, reward, terminated, truncated, info = envs[i].step(env_actions[j])
