@@ -136,3 +136,19 @@ def test_rnn_traj_trainer_draws_contiguous_rl_and_context_batches(tiny_config, t
             # a break only where a trajectory ends (every max_path_length rows from the start)
             pos = torch.nonzero(boundary)[:, 1] + 1
             assert torch.all(pos % cfg.max_path_length == 0)
+
+
+def test_sequence_batches_without_a_fitting_start_take_the_newest_rows():
+    buf = TaskReplayBuffer(1, 2, 1, max_size=10, initial_capacity=10)
+    for k in range(4):  # rows 6..15 survive; starts 8 and 12 have fewer than 9 rows after them
+        buf.add(0, _rows(buf, 0, 4, start=4 * k))
+    g = torch.Generator().manual_seed(0)
+    assert buf.sample(torch.tensor([0]), 9, g, sequence=True).obs[0, :, 1].tolist() == list(
+        range(7, 16))
+    longer = buf.sample(torch.tensor([0]), 12, g, sequence=True).obs[0, :, 1].tolist()
+    assert longer == list(range(6, 16)) + [6, 7]  # fewer rows than asked: all, in order, again
+    state = buf.state_dict()
+    del state["starts"]  # a format-2 checkpoint
+    old = TaskReplayBuffer(1, 2, 1, max_size=10)
+    old.load_state_dict(state)
+    assert old.sizes[0] == 10 and not old.starts.any()

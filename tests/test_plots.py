@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -30,9 +31,17 @@ def sparse_runs(tmp_path_factory):
     return runs
 
 
-def test_runs_are_grouped_by_config_without_seed_by_key_and_by_label(sparse_runs):
+def test_runs_are_grouped_by_config_without_seed_by_key_and_by_label(sparse_runs, tmp_path):
     groups = group_runs([str(r) for r in sparse_runs])
     assert groups == {"kl_lambda=0.05": sparse_runs[:3], "kl_lambda=0.5": sparse_runs[3:]}
+    # a run written before fields existed groups with runs holding their default values
+    old = tmp_path / "old"
+    old.mkdir()
+    config = json.loads((sparse_runs[1] / "config.json").read_text())
+    del config["encoder"], config["tensorboard"]
+    (old / "config.json").write_text(json.dumps(config))
+    assert group_runs([str(sparse_runs[0]), str(old)]) == {
+        "sparse-point-robot": [sparse_runs[0], old]}
     assert group_runs([str(r) for r in sparse_runs], by="seed") == {
         "seed=0": [sparse_runs[0], sparse_runs[3]], "seed=1": [sparse_runs[1]],
         "seed=2": [sparse_runs[2]]}

@@ -128,7 +128,7 @@ def test_truncated_corrupt_foreign_and_mismatched_checkpoints_get_clear_errors(r
     path.write_bytes(good)
     state = torch.load(path, weights_only=True)
     for change, message in [
-        (lambda s: s.update(format_version=1), "format 1; this metapearl reads format 3"),
+        (lambda s: s.update(format_version=1), "format 1; this metapearl reads formats 2, 3"),
         (lambda s: s.pop("test_tasks"), "incomplete: no test_tasks"),
         (lambda s: s["config"].update(net_size=99), "another config (differs in net_size)"),
     ]:

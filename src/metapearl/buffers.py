@@ -116,8 +116,8 @@ class TaskReplayBuffer:
 
     def _sequence_index(self, tasks: list[int], n: int, generator: torch.Generator | None):
         """Row indices (B, n): for each task, n rows in collection order from a trajectory start
-        chosen uniformly among those with n rows after them (the oldest start if none has)."""
-        u = torch.rand(len(tasks), generator=generator).tolist()
+        chosen uniformly among those with n rows after them."""
+        u = torch.rand(len(tasks), generator=generator, device=self.device).tolist()
         first = np.empty(len(tasks), dtype=np.int64)
         oldest = np.empty(len(tasks), dtype=np.int64)
         for i, t in enumerate(tasks):
@@ -125,7 +125,8 @@ class TaskReplayBuffer:
             oldest[i] = self.tops[t] if size == self.max_size else 0
             age = (np.flatnonzero(self.starts[t, :size]) - oldest[i]) % size  # 0 = oldest row
             fits = np.sort(age[age <= size - n])
-            first[i] = fits[int(u[i] * len(fits))] if len(fits) else (age.min() if len(age) else 0)
+            # no start with n rows after it: the newest n rows (all rows, repeated, if fewer)
+            first[i] = fits[int(u[i] * len(fits))] if len(fits) else max(size - n, 0)
         sizes = self.sizes[tasks]
         idx = (oldest[:, None] + (first[:, None] + np.arange(n)) % sizes[:, None]) % sizes[:, None]
         return torch.as_tensor(idx, device=self.device)
@@ -161,7 +162,8 @@ class TaskReplayBuffer:
         self.tops = state["tops"].numpy().astype(np.int64).copy()
         self._sizes_t = torch.as_tensor(self.sizes, dtype=torch.float32, device=self.device)
         self.starts = np.zeros((tasks, self.capacity), dtype=bool)
-        self.starts[:, :data.shape[1]] = state["starts"].numpy()
+        if "starts" in state:  # checkpoints of format 2 did not mark trajectory starts
+            self.starts[:, :data.shape[1]] = state["starts"].numpy()
 
 
 def sample_context(

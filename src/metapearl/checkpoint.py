@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 FORMAT_VERSION = 3  # 3: buffers mark trajectory starts
+READABLE_VERSIONS = (2, 3)  # a format-2 checkpoint lacks only those marks
 CHECKPOINT_NAME = "checkpoints/latest.pt"
 
 
@@ -76,10 +77,10 @@ def load_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> 
         raise CheckpointError(f"cannot load {path}: {_unloadable(e)}") from None
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path} is not a metapearl checkpoint")
-    if state["format_version"] != FORMAT_VERSION:
+    if state["format_version"] not in READABLE_VERSIONS:
         raise CheckpointError(
             f"{path} has checkpoint format {state['format_version']!r}; this metapearl reads "
-            f"format {FORMAT_VERSION}"
+            f"formats {', '.join(map(str, READABLE_VERSIONS))}"
         )
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:

@@ -134,3 +134,50 @@ def offline_test(
         lambda slots: agent.posterior(context_of(slots)),
         lambda s, traj: agent.posterior(context_of([s])),
     )
+
+
+def adapt_to_task(
+    agent: PEARLAgent,
+    env: gym.Env,
+    cfg,
+    max_trajectories: int | None = None,
+    seed: int = 0,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Algorithm 2 on one task through the deployment API, step by step (pictures, videos).
+
+    Belief reset to the prior; z drawn from the belief at the start of each trajectory; the
+    posterior re-inferred from all context after trajectory `num_exp_traj_eval` and every one after
+    it; trajectories until `num_steps_per_eval` env steps (or `max_trajectories`). A step flagged
+    unstable ends its trajectory and is left out, as in `collect`. `on_step(k, t, return_so_far)`
+    runs after step t of trajectory k. Returns per trajectory {"obs", "next_obs", "rewards"}, the
+    rewards being the context's (sparse where the family has one).
+    """
+    agent.reset()
+    trajectories: list[dict[str, np.ndarray]] = []
+    steps = 0
+    while steps < cfg.num_steps_per_eval and len(trajectories) != max_trajectories:
+        k = len(trajectories)
+        agent.sample_z()
+        obs, _ = env.reset(seed=seed * 1000 + k)
+        rows: list[tuple[np.ndarray, np.ndarray, float]] = []
+        for t in range(cfg.max_path_length):
+            action = agent.act(obs)
+            next_obs, reward, terminated, truncated, info = env.step(action)
+            steps += 1
+            if info.get("unstable"):
+                break
+            reward = float(info.get("sparse_reward", reward))
+            agent.observe(obs, action, reward, next_obs)
+            rows.append((np.asarray(obs), np.asarray(next_obs), reward))
+            if on_step is not None:
+                on_step(k, t, sum(r[2] for r in rows))
+            obs = next_obs
+            if terminated or truncated:
+                break
+        trajectories.append({"obs": np.array([r[0] for r in rows]),
+                             "next_obs": np.array([r[1] for r in rows]),
+                             "rewards": np.array([r[2] for r in rows])})
+        if len(trajectories) >= cfg.num_exp_traj_eval:
+            agent.infer_posterior()
+    return trajectories

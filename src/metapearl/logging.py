@@ -45,7 +45,7 @@ class TensorBoardLog:
     progress.csv are. Needs the optional `tensorboard` extra.
     """
 
-    def __init__(self, run_dir: Path, resume_env_steps: int = 0):
+    def __init__(self, run_dir: Path, resume: bool = False, resume_env_steps: int = 0):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -53,7 +53,7 @@ class TensorBoardLog:
 
             raise MissingExtraError("tensorboard=true needs TensorBoard: "
                                     "pip install 'metapearl[tensorboard]'") from None
-        purge = resume_env_steps + 1 if resume_env_steps > 0 else None
+        purge = resume_env_steps + 1 if resume else None
         self.writer = SummaryWriter(str(run_dir), purge_step=purge)
 
     def write(self, row: dict) -> None:

@@ -43,8 +43,11 @@ def _save(fig, stem: Path, tight_layout: bool = True) -> list[Path]:
 
 
 def _config(run: Path) -> dict:
+    """The run's config with every field (those added after the run was written at defaults)."""
+    from metapearl.config import PEARLConfig
+
     try:
-        return json.loads((run / "config.json").read_text())
+        return PEARLConfig.from_dict(json.loads((run / "config.json").read_text())).to_dict()
     except (OSError, ValueError) as e:
         raise PlotError(f"{run} is not a metapearl run directory (config.json: {e})") from None
 
@@ -176,7 +179,8 @@ def plot_ablations(panels: dict[str, Groups], stem: Path) -> list[Path]:
 # --- pictures of a trained agent adapting -------------------------------------------------------
 def adaptation_rollouts(run: Path, num_tasks: int = 3, trajectories: int | None = None,
                         seed: int = 0) -> list[dict]:
-    """Run the trained agent of `run` on its first `num_tasks` test tasks, as the meta-test does.
+    """Run the trained agent of `run` on its first `num_tasks` test tasks, as the meta-test does
+    (`evaluation.adapt_to_task`; at most `trajectories` trajectories when given).
 
     Per task: {"task", "trajectories" (list of (obs, next_obs) arrays), "returns",
     "posterior" (list over context sizes n of (n, mu, var))}; the posterior is re-inferred from
@@ -184,6 +188,7 @@ def adaptation_rollouts(run: Path, num_tasks: int = 3, trajectories: int | None 
     """
     from metapearl.agent import PEARLAgent
     from metapearl.checkpoint import load_checkpoint, load_run_config
+    from metapearl.evaluation import adapt_to_task
     from metapearl.tasks import get_family
 
     cfg = load_run_config(run)
@@ -191,31 +196,13 @@ def adaptation_rollouts(run: Path, num_tasks: int = 3, trajectories: int | None 
     agent.generator = torch.Generator().manual_seed(seed)
     family = get_family(cfg.family)
     tasks = load_checkpoint(run)["test_tasks"][:num_tasks]
-    count = trajectories or max(cfg.num_steps_per_eval // cfg.max_path_length, 1)
     env = family.make_env()
     out = []
     for i, task in enumerate(tasks):
         family.set_task(env, task)
-        agent.reset()
-        trajs, returns = [], []
-        for k in range(count):
-            agent.sample_z()
-            obs, _ = env.reset(seed=seed * 1000 + i * 100 + k)
-            path, ret = [], 0.0
-            for _ in range(cfg.max_path_length):
-                action = agent.act(obs)
-                next_obs, reward, terminated, _, info = env.step(action)
-                reward = info.get("sparse_reward", reward)
-                agent.observe(obs, action, reward, next_obs)
-                path.append((obs, next_obs))
-                ret += float(reward)
-                obs = next_obs
-                if terminated or info.get("unstable"):
-                    break
-            trajs.append((np.array([p[0] for p in path]), np.array([p[1] for p in path])))
-            returns.append(ret)
-            if k + 1 >= cfg.num_exp_traj_eval:
-                agent.infer_posterior()
+        runs = adapt_to_task(agent, env, cfg, trajectories, seed=seed * 100 + i)
+        trajs = [(r["obs"], r["next_obs"]) for r in runs]
+        returns = [float(r["rewards"].sum()) for r in runs]
         context = agent.context
         sizes = np.unique(np.geomspace(1, context.shape[1], 40).astype(int))
         with torch.no_grad():

@@ -157,7 +157,8 @@ class Trainer:
             raise CheckpointError(f"cannot write the run directory {self.run_dir}: {e}") from None
         self.log = ProgressLog(self.run_dir / "progress.csv")
         self.log.truncate(self.iteration)
-        self.tb_log = TensorBoardLog(self.run_dir, self.env_steps) if self.cfg.tensorboard else None
+        self.tb_log = (TensorBoardLog(self.run_dir, resume, self.env_steps) if self.cfg.tensorboard
+                       else None)
         truncate_csv(self.run_dir / "eval" / "adaptation.csv", "iteration", self.iteration)
 
     def state_dict(self) -> dict:

@@ -9,6 +9,7 @@ libosmesa6); with a display, MuJoCo's default (glfw) renders offscreen too.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from contextlib import ExitStack
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from metapearl.checkpoint import CheckpointError, load_checkpoint, load_run_config
+from metapearl.evaluation import adapt_to_task
 from metapearl.tasks import MissingExtraError, get_family
 from metapearl.tasks.mujoco import MujocoFamily, require_mujoco
 
@@ -35,7 +37,7 @@ def _renderer(model, width: int, height: int):
     try:
         renderer = mujoco.Renderer(model, height, width)
     except Exception as e:  # any GL failure: missing library, no device, bad MUJOCO_GL value
-        raise RendererError(f"no offscreen renderer (MUJOCO_GL={os.environ['MUJOCO_GL']}: "
+        raise RendererError(f"no offscreen renderer (MUJOCO_GL={os.environ.get('MUJOCO_GL')}: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                             f"{RENDERER_HINT}") from None
     camera = mujoco.MjvCamera()
@@ -66,26 +68,32 @@ def _writer(out: Path, fps: int):
 
 
 def _check_setup(out: Path) -> None:
-    """Fail before any work when the output format or the renderer cannot work."""
+    """Fail before any work when the output format, the writer or the renderer cannot work.
+
+    Without a display MUJOCO_GL defaults to egl; MuJoCo reads it once, when it is imported.
+    """
     if out.suffix not in (".mp4", ".gif"):
         raise CheckpointError(f"video output must end in .mp4 or .gif, got {out.name!r}")
-    if out.suffix == ".mp4":
-        try:
-            import imageio_ffmpeg  # noqa: F401
-        except ImportError:
-            raise RendererError("writing mp4 needs imageio-ffmpeg: pip install "
-                                "'metapearl[video]' (or write a .gif)") from None
+    needed = ["imageio", "PIL"] + (["imageio_ffmpeg"] if out.suffix == ".mp4" else [])
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RendererError(f"writing {out.suffix} needs {', '.join(missing)}: "
+                            "pip install 'metapearl[video]'")
     headless = not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
-    if headless and "mujoco" in sys.modules and "MUJOCO_GL" not in os.environ:
-        raise RendererError("mujoco was imported before MUJOCO_GL was set, so it cannot render "
-                            "offscreen here; set MUJOCO_GL=egl (or osmesa) before importing it")
+    if headless and "MUJOCO_GL" not in os.environ:
+        if "mujoco" in sys.modules:
+            raise RendererError("mujoco was imported before MUJOCO_GL was set, so it cannot "
+                                "render offscreen here; set MUJOCO_GL=egl (or osmesa) before "
+                                "importing it")
+        os.environ["MUJOCO_GL"] = "egl"
     try:
         require_mujoco("video")
     except MissingExtraError:
         raise
-    except Exception as e:  # mujoco refuses an unknown MUJOCO_GL at import
-        raise RendererError(f"MuJoCo cannot render with MUJOCO_GL={os.environ['MUJOCO_GL']} "
-                            f"({e}); {RENDERER_HINT}") from None
+    except Exception as e:  # mujoco refuses an unknown MUJOCO_GL, or its GL library is missing
+        gl = os.environ.get("MUJOCO_GL", "its default")
+        raise RendererError(f"MuJoCo cannot render with MUJOCO_GL={gl} ({e}); {RENDERER_HINT}"
+                            ) from None
 
 
 def render_adaptation(run_dir: Path, task: int, out: Path, trajectories: int | None = None,
@@ -106,11 +114,10 @@ def render_adaptation(run_dir: Path, task: int, out: Path, trajectories: int | N
     tasks = load_checkpoint(run_dir)["test_tasks"]
     if not 0 <= task < len(tasks):
         raise CheckpointError(f"--task must be in 0..{len(tasks) - 1} (the run's test tasks)")
-    count = trajectories or max(cfg.num_steps_per_eval // cfg.max_path_length, 1)
     agent = PEARLAgent.load(run_dir)
     agent.generator = torch.Generator().manual_seed(seed)
     label = ", ".join(f"{k}={v:.2f}" for k, v in tasks[task].items() if isinstance(v, float))
-    returns, frames = [], 0
+    frames = 0
     with ExitStack() as cleanup:
         env = family.make_env()
         cleanup.callback(env.close)
@@ -119,26 +126,15 @@ def render_adaptation(run_dir: Path, task: int, out: Path, trajectories: int | N
         cleanup.callback(renderer.close)
         writer = _writer(out, fps=max(int(round(1.0 / env.unwrapped.dt / every)), 1))
         cleanup.callback(writer.close)
-        agent.reset()
-        for k in range(count):
-            agent.sample_z()
-            obs, _ = env.reset(seed=seed * 1000 + k)
-            ret = 0.0
-            for t in range(cfg.max_path_length):
-                action = agent.act(obs)
-                next_obs, reward, terminated, _, info = env.step(action)
-                agent.observe(obs, action, reward, next_obs)
-                ret += float(reward)
-                obs = next_obs
-                if t % every == 0:
-                    renderer.update_scene(env.unwrapped.data, camera=camera)
-                    writer.append_data(_caption(renderer.render(), (
-                        f"{cfg.family} test task {task} {label}  trajectory {k + 1}/{count}  "
-                        f"step {t + 1}  return {ret:.1f}")))
-                    frames += 1
-                if terminated or info.get("unstable"):
-                    break
-            returns.append(ret)
-            if k + 1 >= cfg.num_exp_traj_eval:
-                agent.infer_posterior()
-    return {"path": out, "frames": frames, "returns": returns}
+
+        def frame(k: int, t: int, ret: float) -> None:
+            nonlocal frames
+            if t % every == 0:
+                renderer.update_scene(env.unwrapped.data, camera=camera)
+                writer.append_data(_caption(renderer.render(), (
+                    f"{cfg.family} test task {task} {label}  trajectory {k + 1}  step {t + 1}  "
+                    f"return {ret:.1f}")))
+                frames += 1
+
+        runs = adapt_to_task(agent, env, cfg, trajectories, seed, on_step=frame)
+    return {"path": out, "frames": frames, "returns": [float(r["rewards"].sum()) for r in runs]}

@@ -11,7 +11,6 @@ last good state and the trainer counts it (column ``Unstable episodes total``).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import gymnasium as gym
@@ -27,13 +26,7 @@ class MissingExtraError(ImportError):
 
 
 def require_mujoco(family: str):
-    """The mujoco module, or MissingExtraError naming the install command.
-
-    On a machine without a display, MUJOCO_GL defaults to egl (MuJoCo reads it once, at import),
-    so that offscreen rendering (`metapearl video`) works in the same process.
-    """
-    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        os.environ.setdefault("MUJOCO_GL", "egl")
+    """The mujoco module, or MissingExtraError naming the install command."""
     try:
         import mujoco
         from gymnasium.envs.mujoco import MujocoEnv  # noqa: F401  (needs gymnasium[mujoco])
