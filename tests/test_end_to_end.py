@@ -46,18 +46,14 @@ def test_same_seed_gives_identical_progress(tiny_config, tmp_path):
     assert _numbers(tmp_path / "a") != _numbers(tmp_path / "c")
 
 
-@pytest.mark.parametrize("encoder", ["pog", "rnn-tran", "rnn-traj"])
-def test_interrupted_run_resumes_to_the_same_numbers(encoder, tiny_config, tmp_path, monkeypatch):
-    cfg = tiny_config(num_iterations=4, encoder=encoder)
-    train(cfg, tmp_path / "whole", progress=False)
-
+def _train_until_third_checkpoint(cfg, run_dir, monkeypatch):
+    """Train until the 3rd checkpoint write, which never happens: the crash falls between
+    iteration 2's logs and its checkpoint, so resuming must drop what those logs hold."""
     import metapearl.trainer as trainer_mod
 
     real_save, saved = trainer_mod.save_checkpoint, []
 
     def save_then_die(run_dir, state):
-        # the 3rd checkpoint never gets written: the crash falls between iteration 2's logs and
-        # its checkpoint, so resuming must drop what those logs hold
         saved.append(1)
         if len(saved) == 3:
             raise KeyboardInterrupt
@@ -65,8 +61,16 @@ def test_interrupted_run_resumes_to_the_same_numbers(encoder, tiny_config, tmp_p
 
     monkeypatch.setattr(trainer_mod, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "cut", progress=False)
+        train(cfg, run_dir, progress=False)
     monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
+
+
+@pytest.mark.parametrize("encoder", ["pog", "rnn-tran", "rnn-traj"])
+def test_interrupted_run_resumes_to_the_same_numbers(encoder, tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config(num_iterations=4, encoder=encoder)
+    train(cfg, tmp_path / "whole", progress=False)
+
+    _train_until_third_checkpoint(cfg, tmp_path / "cut", monkeypatch)
     assert len(read_progress(tmp_path / "cut" / "progress.csv")) == 3
     with pytest.raises(Exception, match="already holds a run"):
         Trainer(cfg, tmp_path / "cut", progress=False)
@@ -122,8 +126,6 @@ def test_tensorboard_events_hold_the_progress_scalars_and_resume_purges(tiny_con
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    import metapearl.trainer as trainer_mod
-
     cfg = tiny_config(num_iterations=3, tensorboard=True)
     whole = tmp_path / "whole"
     train(cfg, whole, progress=False)
@@ -135,19 +137,8 @@ def test_tensorboard_events_hold_the_progress_scalars_and_resume_purges(tiny_con
         np.testing.assert_allclose([s.value for s in scalars], [float(r[name]) for r in rows],
                                    rtol=1e-6)
     # the 3rd checkpoint is never written: iteration 2's events are purged and written again
-    real_save, saved = trainer_mod.save_checkpoint, []
-
-    def save_then_die(run_dir, state):
-        saved.append(1)
-        if len(saved) == 3:
-            raise KeyboardInterrupt
-        real_save(run_dir, state)
-
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", save_then_die)
     cut = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, cut, progress=False)
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
+    _train_until_third_checkpoint(cfg, cut, monkeypatch)
     train(cfg, cut, resume=True, progress=False)
     resumed = EventAccumulator(str(cut)).Reload().Scalars("Loss/qf")
     assert [s.step for s in resumed] == [s.step for s in events.Scalars("Loss/qf")]
