@@ -6,7 +6,8 @@
 
 Each run is `metapearl train FAMILY --seed S --set <the variant's switch>` on the default preset,
 cut to --iterations and evaluated every --eval-interval iterations, in OUT/VARIANT-sS. Finished
-runs are kept, interrupted ones resumed, so the command can be repeated after a crash. With --jobs 2
+runs are kept, interrupted ones resumed, so the command can be repeated after a crash; with a
+larger --iterations, finished runs go on from their last checkpoint. With --jobs 2
 the runs use one torch thread each. At the end: OUT/ablations.md (final success rate and return,
 mean +- std over seeds, and whether the paper's orderings hold) and OUT/ablations.png/.svg.
 """
@@ -52,8 +53,9 @@ def train_one(args, variant: str, seed: int) -> str:
         return f"{run.name}: done before"
     cmd = [sys.executable, "-m", "metapearl", "train", args.family, "--seed", str(seed),
            "--out", str(run), "--no-progress"]
-    if (run / "config.json").exists():
-        cmd.append("--resume")
+    if (run / "config.json").exists():  # interrupted, or finished with fewer iterations
+        cmd += ["--resume", "--set", f"num_iterations={args.iterations}",
+                "--set", f"torch_threads={args.threads}"]
     else:
         sets = {**VARIANTS[variant], "num_iterations": args.iterations,
                 "eval_interval": args.eval_interval, "torch_threads": args.threads}

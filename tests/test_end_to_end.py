@@ -1,6 +1,7 @@
 import csv
 import importlib.util
 import inspect
+import json
 import sys
 from pathlib import Path
 
@@ -79,6 +80,20 @@ def test_interrupted_run_resumes_to_the_same_numbers(encoder, tiny_config, tmp_p
     adaptation = [(run / "eval" / "adaptation.csv").read_text() for run in
                   (tmp_path / "cut", tmp_path / "whole")]
     assert adaptation[0] == adaptation[1]
+
+
+def test_resume_with_more_iterations_extends_a_finished_run(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(num_iterations=2), run, progress=False)
+    before = _numbers(run)
+    argv = ["train", "point-robot", "--resume", "--out", str(run), "--no-progress"]
+    assert main(argv + ["--set", "num_iterations=4", "--set", "torch_threads=1"]) == 0
+    after = _numbers(run)
+    assert len(after) == 4 and after[:2] == before
+    stored = json.loads((run / "config.json").read_text())
+    assert (stored["num_iterations"], stored["torch_threads"]) == (4, 1)
+    assert main(argv) == 0  # nothing left to do: the run stays as it is
+    assert _numbers(run) == after
 
 
 def test_cli_train_eval_and_deployment(tmp_path, capsys):

@@ -288,7 +288,7 @@ def test_bad_run_directories_get_one_clear_error(run, tmp_path, capsys):
         (["train", "sparse-point-robot", "--resume", "--out", str(run)],
          "is a point-robot run, not sparse-point-robot"),
         (["train", "point-robot", "--resume", "--out", str(run), "--set", "lr=0.1"],
-         "--set cannot change it"),
+         "--set lr cannot change it"),
         (["train", "point-robot", "--resume", "--out", str(run), "--seed", "3"],
          "--seed cannot change it"),
         (["eval", str(tmp_path)], "is not a metapearl run"),

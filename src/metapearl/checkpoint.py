@@ -120,15 +120,24 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def check_compatible(state: dict[str, Any], cfg) -> None:
-    """CheckpointError unless the checkpoint was written by a run with config `cfg`.
+def config_changes(stored: dict[str, Any], cfg) -> list[str]:
+    """The fields, other than RESUME_FIELDS, where `cfg` differs from a stored config dict.
 
     A field the stored config lacks (added to metapearl after the run was written) counts as its
     default, as `PEARLConfig.from_dict` reads it.
     """
-    stored, current = {**type(cfg)().to_dict(), **state["config"]}, cfg.to_dict()
-    if stored != current:
-        changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+    from metapearl.config import RESUME_FIELDS
+
+    stored, current = {**type(cfg)().to_dict(), **stored}, cfg.to_dict()
+    return sorted(k for k in set(stored) | set(current)
+                  if k not in RESUME_FIELDS and stored.get(k) != current.get(k))
+
+
+def check_compatible(state: dict[str, Any], cfg) -> None:
+    """CheckpointError unless the checkpoint was written by a run with config `cfg` (up to
+    RESUME_FIELDS)."""
+    changed = config_changes(state["config"], cfg)
+    if changed:
         raise CheckpointError(
             f"the checkpoint was written with another config (differs in {', '.join(changed)})"
         )

@@ -8,7 +8,15 @@ import time
 from pathlib import Path
 
 from metapearl.checkpoint import CheckpointError
-from metapearl.config import ConfigError, field_help, make_config, parse_overrides
+from metapearl.config import (
+    FIELD_NAMES,
+    RESUME_FIELDS,
+    ConfigError,
+    PEARLConfig,
+    field_help,
+    make_config,
+    parse_overrides,
+)
 from metapearl.guards import NonFiniteError
 from metapearl.tasks import MissingExtraError
 
@@ -17,6 +25,7 @@ EXAMPLES = """examples:
   metapearl train point-robot --seed 1 --set num_iterations=50 --out runs/pr1
   metapearl train sparse-point-robot --preset paper
   metapearl train point-robot --resume --out runs/pr1   # continue a run
+  metapearl train point-robot --resume --out runs/pr1 --set num_iterations=300   # go on
   metapearl eval runs/pr1                           # meta-test the latest checkpoint
   metapearl plot runs/pr-s0 runs/pr-s1 runs/pr-s2 --out plots/pr   # curves over seeds
   metapearl video runs/cheetah --task 3             # mp4 of the agent adapting to test task 3
@@ -46,20 +55,24 @@ def _cmd_train(args) -> int:
     from metapearl.checkpoint import load_run_config
     from metapearl.trainer import train
 
+    overrides = parse_overrides(args.set)
     if args.resume:
         if args.out is None:
             raise ConfigError("--resume needs --out RUN_DIR, the run to continue")
-        given = [flag for flag, used in [("--set", args.set), ("--seed", args.seed is not None),
+        given = [flag for flag, used in [("--seed", args.seed is not None),
                                          ("--preset", args.preset is not None)] if used]
+        given += [f"--set {key}" for key in overrides
+                  if key in FIELD_NAMES and key not in RESUME_FIELDS]
         if given:
             raise ConfigError(f"--resume continues a run with its own config.json; "
-                              f"{', '.join(given)} cannot change it")
+                              f"{', '.join(given)} cannot change it (--set may change "
+                              f"{' and '.join(RESUME_FIELDS)})")
         cfg = load_run_config(Path(args.out))
         if cfg.family != args.family:
             raise ConfigError(f"{args.out} is a {cfg.family} run, not {args.family}")
+        cfg = PEARLConfig.from_dict({**cfg.to_dict(), **overrides})
         run_dir = Path(args.out)
     else:
-        overrides = parse_overrides(args.set)
         if args.seed is not None:
             overrides["seed"] = args.seed
         cfg = make_config(args.family, args.preset or "default", overrides)
@@ -181,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field; repeatable (`metapearl config FAMILY` lists them)")
     p.add_argument("--out", default=None, help="run directory (default runs/FAMILY_PRESET_sSEED_TIME)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its latest checkpoint")
+                   help="continue the run in --out from its latest checkpoint; with --set "
+                   "num_iterations=N a finished run goes on to N iterations")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 

@@ -158,6 +158,9 @@ class PEARLConfig:
 
 
 CONTEXT_SAMPLERS = ("recent", "off-policy", "off-policy-rl-batch")
+# Fields `train --resume --set` may change: how long a run goes on and how many CPU threads it
+# uses, not what an iteration computes (so a finished run can be extended).
+RESUME_FIELDS = ("num_iterations", "torch_threads")
 ENCODERS = ("pog", "rnn-tran", "rnn-traj")
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(PEARLConfig))
 

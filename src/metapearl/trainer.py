@@ -20,6 +20,7 @@ from metapearl.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
     check_compatible,
+    config_changes,
     load_checkpoint,
     load_run_config,
     load_state,
@@ -142,7 +143,7 @@ class Trainer:
         if resume and (self.run_dir / CHECKPOINT_NAME).exists():
             self._restore(load_checkpoint(self.run_dir, self.device))
         elif resume:  # stopped before its first checkpoint: the run starts over from iteration 0
-            if load_run_config(self.run_dir) != self.cfg:
+            if config_changes(load_run_config(self.run_dir).to_dict(), self.cfg):
                 raise CheckpointError(f"{self.run_dir} holds a run with another config")
         elif cfg_path.exists():
             raise CheckpointError(
@@ -151,7 +152,7 @@ class Trainer:
             )
         try:
             (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)
-            if not resume:
+            if not resume or load_run_config(self.run_dir) != self.cfg:  # new, or extended
                 cfg_path.write_text(self.cfg.to_json() + "\n")
         except OSError as e:
             raise CheckpointError(f"cannot write the run directory {self.run_dir}: {e}") from None
