@@ -51,16 +51,16 @@ def train_one(args, variant: str, seed: int) -> str:
     run = args.out / f"{variant}-s{seed}"
     if finished(run, args.iterations):
         return f"{run.name}: done before"
-    cmd = [sys.executable, "-m", "metapearl", "train", args.family, "--seed", str(seed),
-           "--out", str(run), "--no-progress"]
+    cmd = [sys.executable, "-m", "metapearl", "train", args.family, "--out", str(run),
+           "--no-progress"]
+    sets = {"num_iterations": args.iterations, "torch_threads": args.threads}
     if (run / "config.json").exists():  # interrupted, or finished with fewer iterations
-        cmd += ["--resume", "--set", f"num_iterations={args.iterations}",
-                "--set", f"torch_threads={args.threads}"]
+        cmd.append("--resume")
     else:
-        sets = {**VARIANTS[variant], "num_iterations": args.iterations,
-                "eval_interval": args.eval_interval, "torch_threads": args.threads}
-        for key, value in sets.items():
-            cmd += ["--set", f"{key}={value}"]
+        cmd += ["--seed", str(seed)]
+        sets.update(VARIANTS[variant], eval_interval=args.eval_interval)
+    for key, value in sets.items():
+        cmd += ["--set", f"{key}={value}"]
     start = time.perf_counter()
     with (args.out / f"{run.name}.log").open("a") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
