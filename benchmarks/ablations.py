@@ -1,7 +1,7 @@
 """The paper's ablations: every variant on one family with several seeds, one figure and a table.
 
     python benchmarks/ablations.py                       # sparse-point-robot, seeds 0 1 2
-    python benchmarks/ablations.py --iterations 50 --jobs 2 --out runs/ablations
+    python benchmarks/ablations.py --iterations 150 --jobs 2 --out runs/ablations   # go on
     python benchmarks/ablations.py --report-only --out runs/ablations
 
 Each run is `metapearl train FAMILY --seed S --set <the variant's switch>` on the default preset,
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--family", default="sparse-point-robot")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--eval-interval", type=int, default=10)
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
     parser.add_argument("--last", type=int, default=2, help="evaluations averaged per run")
