@@ -82,7 +82,7 @@ def test_interrupted_run_resumes_to_the_same_numbers(encoder, tiny_config, tmp_p
     assert adaptation[0] == adaptation[1]
 
 
-def test_resume_with_more_iterations_extends_a_finished_run(tiny_config, tmp_path):
+def test_resume_with_more_iterations_extends_a_finished_run(tiny_config, tmp_path, capsys):
     run = tmp_path / "run"
     train(tiny_config(num_iterations=2), run, progress=False)
     before = _numbers(run)
@@ -94,6 +94,9 @@ def test_resume_with_more_iterations_extends_a_finished_run(tiny_config, tmp_pat
     assert (stored["num_iterations"], stored["torch_threads"]) == (4, 1)
     assert main(argv) == 0  # nothing left to do: the run stays as it is
     assert _numbers(run) == after
+    assert main(argv + ["--set", "num_iterations=3"]) == 2  # fewer than it has run: refused
+    assert "has run 4 iterations; num_iterations=3 would undo them" in capsys.readouterr().err
+    assert json.loads((run / "config.json").read_text())["num_iterations"] == 4
 
 
 def test_cli_train_eval_and_deployment(tmp_path, capsys):

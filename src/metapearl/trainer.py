@@ -142,6 +142,9 @@ class Trainer:
         cfg_path = self.run_dir / "config.json"
         if resume and (self.run_dir / CHECKPOINT_NAME).exists():
             self._restore(load_checkpoint(self.run_dir, self.device))
+            if self.cfg.num_iterations < self.iteration:
+                raise CheckpointError(f"{self.run_dir} has run {self.iteration} iterations; "
+                                      f"num_iterations={self.cfg.num_iterations} would undo them")
         elif resume:  # stopped before its first checkpoint: the run starts over from iteration 0
             if config_changes(load_run_config(self.run_dir).to_dict(), self.cfg):
                 raise CheckpointError(f"{self.run_dir} holds a run with another config")
