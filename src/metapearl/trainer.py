@@ -155,8 +155,7 @@ class Trainer:
             )
         try:
             (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)
-            if not resume or load_run_config(self.run_dir) != self.cfg:  # new, or extended
-                cfg_path.write_text(self.cfg.to_json() + "\n")
+            cfg_path.write_text(self.cfg.to_json() + "\n")  # a resume may extend the run
         except OSError as e:
             raise CheckpointError(f"cannot write the run directory {self.run_dir}: {e}") from None
         self.log = ProgressLog(self.run_dir / "progress.csv")
