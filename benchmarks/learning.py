@@ -56,7 +56,8 @@ def main() -> None:
     start = time.perf_counter()
     reached: list[tuple[float, int, int]] = []
     returns: list[float] = []
-    print(f"# {args.family} preset={args.preset} seed={args.seed} run_dir={out}")
+    sets = "".join(f" --set {kv}" for kv in args.set)
+    print(f"# {args.family} preset={args.preset} seed={args.seed}{sets} run_dir={out}")
     print(f"# untrained agent: AverageReturn_all_test_tasks {untrained(trainer):.2f}")
     print(f"{'iter':>5} {'env_steps':>10} {'wall_s':>8} {'test_return':>12} {'success':>8}")
 
