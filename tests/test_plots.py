@@ -1,5 +1,7 @@
+import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -73,6 +75,26 @@ def test_plot_command_writes_every_figure(sparse_runs, tmp_path, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 2 * len(names)
     assert main(["plot", str(tmp_path)]) == 2
     assert "not a metapearl run directory" in capsys.readouterr().err
+
+
+def test_plot_command_skips_success_curves_of_a_family_without_success(sparse_runs, tmp_path):
+    # as a MuJoCo family's progress.csv: the success columns are in the header but empty
+    runs = []
+    for i, src in enumerate(sparse_runs[:2]):
+        run = tmp_path / f"run{i}"
+        shutil.copytree(src, run)
+        rows = read_progress(run / "progress.csv")
+        for row in rows:
+            row["SuccessRate_test_tasks"] = row["SuccessRate_train_tasks"] = ""
+        with (run / "progress.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        runs.append(run)
+    out = tmp_path / "figs"
+    assert main(["plot", *map(str, runs), "--out", str(out), "--tasks", "0"]) == 0
+    assert (out / "learning_curves.png").exists() and (out / "adaptation_curves.png").exists()
+    assert not (out / "success_curves.png").exists()
 
 
 def test_adaptation_rollouts_follow_the_meta_test_protocol(sparse_runs):

@@ -171,8 +171,11 @@ def _cmd_video(args) -> int:
 
 
 def column_present(run: Path, name: str) -> bool:
-    with (run / "progress.csv").open() as f:
-        return name in f.readline().split(",")
+    """Whether some row of the run's progress.csv has a value in column `name` (the header has
+    every column; families that report no success leave the success columns empty)."""
+    from metapearl.logging import read_progress
+
+    return any(row.get(name) for row in read_progress(run / "progress.csv"))
 
 
 def build_parser() -> argparse.ArgumentParser:
