@@ -286,7 +286,7 @@ PRESETS.update({
     "cheetah-dir": _mujoco_presets(2, 2, 4, 1000, 1000, 2000, 256, num_evals=4),
     "ant-dir": _mujoco_presets(2, 2, 4, 400, 600, 4000, 256, num_evals=4),
     "ant-goal": _mujoco_presets(150, 30, 10, 400, 600, 4000, 256, kl_lambda=1.0),
-    # humanoid-dir on CPU: with 376-dim observations a step on 8 tasks x 256 context rows took
+    # humanoid-dir on CPU: with 348-dim observations a step on 8 tasks x 256 context rows took
     # 36 ms here (ant-dir's 4 tasks: 11 ms), so 4 tasks x 128 rows; 400 initial steps per task
     # (2000 took 5 minutes), 200/300 per iteration; 5 training tasks in each evaluation (with 30,
     # evaluation's physics took a third of a run)
