@@ -10,6 +10,10 @@ runs are kept, interrupted ones resumed, so the command can be repeated after a 
 larger --iterations, finished runs go on from their last checkpoint. With --jobs 2
 the runs use one torch thread each. At the end: OUT/ablations.md (final success rate and return,
 mean +- std over seeds, and whether the paper's orderings hold) and OUT/ablations.png/.svg.
+
+The record in the README is `--iterations 300 --out docs/ablations`: git keeps each run's
+config.json, progress.csv and eval/ there and ignores checkpoints, so `--report-only` redraws it
+on a fresh clone and the same command goes on with the variants or seeds still missing.
 """
 
 from __future__ import annotations
