@@ -94,7 +94,7 @@ def report(args) -> str:
         lines.append(f"| {variant} | {n} | {sm:.1%} +- {ss:.1%} | {rm:.2f} +- {rs:.2f} |")
     lines += ["", "Orderings the paper found (by mean success rate, then return):"]
     for panel, order in PANELS.items():
-        missing = [v for v in order if stats.get(v, (0,) * 5)[4] < len(args.seeds)]
+        missing = [v for v in order if v not in stats or stats[v][4] < len(args.seeds)]
         if missing:  # no verdict on part of the seeds
             lines.append(f"- {panel}: not judged yet; short of {len(args.seeds)} seeds: "
                          f"{', '.join(missing)}")
