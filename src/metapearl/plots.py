@@ -221,7 +221,9 @@ def exploration(run: Path, stem: Path, rollouts: list[dict]) -> list[Path]:
         raise PlotError("the exploration picture is for 2-D navigation families (a 'goal' task "
                         "and 2-D observations)")
     cfg = _config(run)
-    fig, axes = plt.subplots(1, len(rollouts), figsize=(4.2 * len(rollouts), 4.2), squeeze=False)
+    # shared limits: with equal aspect every panel gets the same square, and titles cannot collide
+    fig, axes = plt.subplots(1, len(rollouts), figsize=(4.2 * len(rollouts), 5.2), squeeze=False,
+                             sharex=True, sharey=True)
     cmap = plt.get_cmap("viridis")
     for ax, r in zip(axes[0], rollouts, strict=True):
         goal = np.array(r["task"]["goal"])
@@ -235,11 +237,15 @@ def exploration(run: Path, stem: Path, rollouts: list[dict]) -> list[Path]:
             xy = np.vstack([obs[:1], next_obs])
             ax.plot(xy[:, 0], xy[:, 1], color=cmap(k / max(n - 1, 1)), lw=1.2, alpha=0.9)
         ax.set_aspect("equal")
-        ax.set_title(f"goal ({goal[0]:.2f}, {goal[1]:.2f}); returns {r['returns'][0]:.1f} -> "
-                     f"{r['returns'][-1]:.1f}", fontsize=9)
+        ax.set_title(f"goal ({goal[0]:.2f}, {goal[1]:.2f})\nreturns, trajectory 1 -> {n}: "
+                     f"{r['returns'][0]:.1f} -> {r['returns'][-1]:.1f}", fontsize=9)
         ax.grid(alpha=0.3)
+    (x0, x1), (y0, y1) = axes[0, 0].get_xlim(), axes[0, 0].get_ylim()
+    fig.set_figheight(4.2 * min((y1 - y0) / (x1 - x0), 1.0) + 1.0)  # the panels' height, no blank
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(1, len(rollouts[0]["trajectories"])))
-    fig.colorbar(sm, ax=axes[0].tolist(), label="trajectory k", shrink=0.8)
+    bar = fig.colorbar(sm, ax=axes[0].tolist(), label="trajectory k", shrink=0.8)
+    bar.locator = MaxNLocator(integer=True)
+    bar.update_ticks()
     axes[0, 0].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"{run.name}: exploration then exploitation in new test tasks "
                  f"(posterior re-inferred after trajectory {cfg['num_exp_traj_eval']} and on)")
