@@ -77,37 +77,54 @@ def final(run: Path, name: str, last: int) -> float:
     return float(np.mean(values[-last:]))
 
 
-def report(args) -> str:
+def _stats(args, last: int) -> dict[str, tuple]:
+    """variant -> (success mean, std, return mean, std, seeds) over the last `last` evaluations."""
     stats = {}
     for variant in VARIANTS:
         runs = [args.out / f"{variant}-s{s}" for s in args.seeds]
         runs = [r for r in runs if finished(r, args.iterations)]
-        if not runs:
-            continue
-        succ = [final(r, "SuccessRate_test_tasks", args.last) for r in runs]
-        ret = [final(r, "AverageReturn_all_test_tasks", args.last) for r in runs]
-        stats[variant] = (np.mean(succ), np.std(succ), np.mean(ret), np.std(ret), len(runs))
-    lines = [f"# Ablations on {args.family} ({args.iterations} iterations, mean of the last "
-             f"{args.last} evaluations per seed; mean +- std over seeds)", "",
-             "| variant | seeds | success rate | return |", "|---|---|---|---|"]
-    for variant, (sm, ss, rm, rs, n) in stats.items():
-        lines.append(f"| {variant} | {n} | {sm:.1%} +- {ss:.1%} | {rm:.2f} +- {rs:.2f} |")
-    lines += ["", "Orderings the paper found (by mean success rate, then return):"]
+        if runs:
+            succ = [final(r, "SuccessRate_test_tasks", last) for r in runs]
+            ret = [final(r, "AverageReturn_all_test_tasks", last) for r in runs]
+            stats[variant] = (np.mean(succ), np.std(succ), np.mean(ret), np.std(ret), len(runs))
+    return stats
+
+
+def _verdicts(args, stats: dict[str, tuple]) -> list[str]:
+    lines = []
     for panel, order in PANELS.items():
         missing = [v for v in order if v not in stats or stats[v][4] < len(args.seeds)]
         if missing:  # no verdict on part of the seeds
             lines.append(f"- {panel}: not judged yet; short of {len(args.seeds)} seeds: "
                          f"{', '.join(missing)}")
-        else:
-            key = [(stats[v][0], stats[v][2]) for v in order]
-            holds = all(a >= b for a, b in zip(key[:-1], key[1:], strict=True))
-            # a gap in mean success smaller than either side's std over seeds is noise at 3 seeds
-            clear = all(stats[a][0] - stats[b][0] > max(stats[a][1], stats[b][1])
-                        for a, b in zip(order[:-1], order[1:], strict=True))
-            verdict = ("does not hold" if not holds else "holds" if clear
-                       else "holds by the means only: a gap is inside the spread over seeds")
-            lines.append(f"- {panel}: {' > '.join(order)}: {verdict}"
-                         f" (measured: {', '.join(f'{v} {stats[v][0]:.1%}' for v in order)})")
+            continue
+        key = [(stats[v][0], stats[v][2]) for v in order]
+        holds = all(a >= b for a, b in zip(key[:-1], key[1:], strict=True))
+        # a gap in mean success smaller than either side's std over seeds is noise at 3 seeds
+        clear = all(stats[a][0] - stats[b][0] > max(stats[a][1], stats[b][1])
+                    for a, b in zip(order[:-1], order[1:], strict=True))
+        verdict = ("does not hold" if not holds else "holds" if clear
+                   else "holds by the means only: a gap is inside the spread over seeds")
+        lines.append(f"- {panel}: {' > '.join(order)}: {verdict}"
+                     f" (measured: {', '.join(f'{v} {stats[v][0]:.1%}' for v in order)})")
+    return lines
+
+
+def report(args) -> str:
+    """The table (final figures, and the same over the last `--window` evaluations) and verdicts."""
+    final_stats, window_stats = _stats(args, args.last), _stats(args, args.window)
+    lines = [f"# Ablations on {args.family} ({args.iterations} iterations; mean +- std over seeds "
+             f"of each run's mean over its last {args.last} (final) or {args.window} evaluations)",
+             "", f"| variant | seeds | success rate, final | return, final | success rate, last "
+             f"{args.window} | return, last {args.window} |", "|---|---|---|---|---|---|"]
+    for variant, (sm, ss, rm, rs, n) in final_stats.items():
+        wm, ws, vm, vs, _ = window_stats[variant]
+        lines.append(f"| {variant} | {n} | {sm:.1%} +- {ss:.1%} | {rm:.2f} +- {rs:.2f} "
+                     f"| {wm:.1%} +- {ws:.1%} | {vm:.2f} +- {vs:.2f} |")
+    for name, stats in (("final figures", final_stats),
+                        (f"means over the last {args.window} evaluations", window_stats)):
+        lines += ["", f"Orderings the paper found, on the {name} (by mean success rate, "
+                  "then return):", *_verdicts(args, stats)]
     return "\n".join(lines) + "\n"
 
 
@@ -120,7 +137,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--eval-interval", type=int, default=10)
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
-    parser.add_argument("--last", type=int, default=2, help="evaluations averaged per run")
+    parser.add_argument("--last", type=int, default=2, help="evaluations averaged per run (final)")
+    parser.add_argument("--window", type=int, default=10,
+                        help="a longer window of evaluations, less noisy than the final figure")
     parser.add_argument("--out", type=Path, default=Path("runs/ablations"))
     parser.add_argument("--report-only", action="store_true", help="only table and figure")
     args = parser.parse_args()
