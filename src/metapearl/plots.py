@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
 
 from metapearl.checkpoint import CheckpointError  # noqa: E402
 from metapearl.logging import read_progress  # noqa: E402
@@ -260,15 +260,16 @@ def posterior(run: Path, stem: Path, rollouts: list[dict]) -> list[Path]:
         mu = np.array([p[1] for p in r["posterior"]])
         var = np.array([p[2] for p in r["posterior"]])
         color = f"C{i}"
-        ax_var.plot(n + 1, var.mean(axis=1), color=color, label=f"test task {i + 1}")
-        ax_mu.plot(n + 1, mu[:, 0], color=color, label=f"test task {i + 1}: z[0]")
+        ax_var.plot(n, var.mean(axis=1), color=color, label=f"test task {i + 1}")
+        ax_mu.plot(n, mu[:, 0], color=color, label=f"test task {i + 1}: z[0]")
         if mu.shape[1] > 1:
-            ax_mu.plot(n + 1, mu[:, 1], color=color, ls="--", label=f"test task {i + 1}: z[1]")
-        ax_mu.fill_between(n + 1, mu[:, 0] - np.sqrt(var[:, 0]), mu[:, 0] + np.sqrt(var[:, 0]),
+            ax_mu.plot(n, mu[:, 1], color=color, ls="--", label=f"test task {i + 1}: z[1]")
+        ax_mu.fill_between(n, mu[:, 0] - np.sqrt(var[:, 0]), mu[:, 0] + np.sqrt(var[:, 0]),
                            color=color, alpha=0.15, lw=0)
     for ax in (ax_var, ax_mu):
-        ax.set_xscale("log")
-        ax.set_xlabel("context transitions + 1 (0 = the prior)")
+        ax.set_xscale("symlog", linthresh=1, linscale=0.5)  # 0 (the prior) on a log-like axis
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xlabel("context transitions (0: the prior)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     if np.all([p[2] == 0 for r in rollouts for p in r["posterior"][1:]]):
