@@ -222,7 +222,7 @@ def exploration(run: Path, stem: Path, rollouts: list[dict]) -> list[Path]:
                         "and 2-D observations)")
     cfg = _config(run)
     # shared limits: with equal aspect every panel gets the same square, and titles cannot collide
-    fig, axes = plt.subplots(1, len(rollouts), figsize=(4.2 * len(rollouts), 5.2), squeeze=False,
+    fig, axes = plt.subplots(1, len(rollouts), figsize=(4.2 * len(rollouts), 4.2), squeeze=False,
                              sharex=True, sharey=True)
     cmap = plt.get_cmap("viridis")
     for ax, r in zip(axes[0], rollouts, strict=True):
