@@ -115,6 +115,13 @@ def test_cli_train_eval_and_deployment(tmp_path, capsys):
     assert "adaptation curve" in out and (run / "eval" / "meta_test_itr2.csv").exists()
     with (run / "eval" / "meta_test_itr2.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 3  # 60 eval steps of 20-step trajectories
+    # another protocol for this evaluation only: 5 trajectories, the first 2 under the prior
+    assert main(["eval", str(run), "--num-steps-per-eval", "100", "--num-exp-traj-eval", "2"]) == 0
+    with (run / "eval" / "meta_test_itr2_num_steps_per_eval100_num_exp_traj_eval2.csv").open() as f:
+        assert [row["trajectory"] for row in csv.DictReader(f)] == ["1", "2", "3", "4", "5"]
+    assert json.loads((run / "config.json").read_text())["num_steps_per_eval"] == 60
+    assert main(["eval", str(run), "--num-steps-per-eval", "0"]) == 2
+    assert "num_steps_per_eval must be >= 1" in capsys.readouterr().err
     agent = PEARLAgent.load(run)
     agent.reset()
     agent.sample_z()

@@ -96,8 +96,12 @@ def _cmd_eval(args) -> int:
 
     run_dir = Path(args.run_dir)
     cfg = load_run_config(run_dir)
-    if args.num_evals is not None:
-        cfg.num_evals = args.num_evals
+    protocol = {"num_evals": args.num_evals, "num_steps_per_eval": args.num_steps_per_eval,
+                "num_exp_traj_eval": args.num_exp_traj_eval}
+    changed = {k: v for k, v in protocol.items() if v is not None and v != getattr(cfg, k)}
+    for key, value in protocol.items():
+        if value is not None:
+            setattr(cfg, key, value)
     cfg.validate()
     agent = load_agent(run_dir)
     state = load_checkpoint(run_dir)
@@ -107,7 +111,9 @@ def _cmd_eval(args) -> int:
     for i, env in enumerate(envs):
         env.reset(seed=args.seed * 100_003 + i)
     result = meta_test(agent, family, envs, tasks, cfg, torch.Generator().manual_seed(args.seed))
-    out = run_dir / "eval" / f"meta_test_itr{state['iteration']}.csv"
+    # a protocol other than the run's own gets a file of its own (num_evals only averages)
+    suffix = "".join(f"_{k}{v}" for k, v in changed.items() if k != "num_evals")
+    out = run_dir / "eval" / f"meta_test_itr{state['iteration']}{suffix}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -204,9 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="meta-test a run's latest checkpoint",
                        description="Run the meta-test protocol (SPEC section 5) on the run's test "
-                       "tasks and write the adaptation curve to RUN_DIR/eval/.")
+                       "tasks and write the adaptation curve to RUN_DIR/eval/. By default the "
+                       "protocol is the run's own; the options change it for this evaluation only, "
+                       "e.g. to see how the agent keeps adapting over more trajectories.",
+                       epilog="example: metapearl eval runs/pr1 --num-steps-per-eval 200 "
+                       "(10 trajectories of point-robot instead of 3)")
     p.add_argument("run_dir")
-    p.add_argument("--num-evals", type=int, default=None, help="runs per test task")
+    p.add_argument("--num-evals", type=int, default=None,
+                   help="runs per test task (default: the run's num_evals)")
+    p.add_argument("--num-steps-per-eval", type=int, default=None, metavar="N",
+                   help="env steps per task and run, whole trajectories: N = K x max_path_length "
+                   "gives K trajectories where none ends early (default: the run's)")
+    p.add_argument("--num-exp-traj-eval", type=int, default=None, metavar="N",
+                   help="trajectories with z from the prior before the first posterior update "
+                   "(default: the run's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation's z draws")
     p.set_defaults(func=_cmd_eval)
 
