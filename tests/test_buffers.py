@@ -152,3 +152,12 @@ def test_sequence_batches_without_a_fitting_start_take_the_newest_rows():
     old = TaskReplayBuffer(1, 2, 1, max_size=10)
     old.load_state_dict(state)
     assert old.sizes[0] == 10 and not old.starts.any()
+
+
+def test_an_empty_trajectory_adds_nothing_even_at_a_full_capacity():
+    buf = TaskReplayBuffer(1, 2, 1, max_size=100, initial_capacity=4)
+    buf.add(0, _rows(buf, 0, 4))  # size == capacity: the next row would need to grow the buffer
+    buf.add(0, _rows(buf, 0, 0))
+    assert buf.sizes[0] == 4 and int(buf.tops[0]) == 4 and buf.capacity == 4
+    buf.add(0, _rows(buf, 0, 3, start=4))
+    assert sorted(buf.all_of(0).obs[0, :, 1].tolist()) == list(range(7))

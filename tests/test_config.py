@@ -64,6 +64,7 @@ def test_overrides_are_typed_and_checked():
                        ({"discount": "1.5"}, "discount must be in"),
                        ({"lr": "nan"}, "must be of type float"),
                        ({"context_sampler": "weird"}, "context_sampler must be one of"),
+                       ({"seed": str(2**32)}, "seed must be < 2\\*\\*32"),
                        ({"num_steps_prior": "0", "num_steps_posterior": "0"},
                         "recent context sampler needs")]:
         with pytest.raises(ValueError, match=match):
@@ -125,3 +126,24 @@ def test_user_family_gets_the_generic_presets():
     assert default.net_size < paper.net_size and default.num_train_steps_per_itr < 2000
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         make_config("test-flat", "huge")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "point-robot", "--seed", "-1"], "must be in [0, 4294967296), got -1"),
+    (["eval", "runs/x", "--seed", "2e3"], "not an integer: '2e3'"),
+    (["video", "runs/x", "--every", "0"], "must be >= 1, got 0"),
+    (["video", "runs/x", "--trajectories", "0"], "must be >= 1, got 0"),
+    (["plot", "runs/x", "--tasks", "-2"], "must be >= 0, got -2"),
+])
+def test_cli_rejects_out_of_range_numbers_before_doing_anything(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_run_of_an_unregistered_family_says_to_register_it(tmp_path, capsys):
+    config = make_config("point-robot", "default").to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({**config, "family": "my-family"}))
+    assert main(["eval", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task family 'my-family'" in err and "register_family" in err

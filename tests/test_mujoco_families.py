@@ -227,7 +227,7 @@ def test_tasks_lists_all_nine_families(capsys):
 
 def test_missing_mujoco_gets_the_install_command(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "mujoco", None)  # `import mujoco` now fails
-    with pytest.raises(MissingExtraError, match=r"pip install 'metapearl\[mujoco\]'"):
+    with pytest.raises(MissingExtraError, match=r"pip install -e '\.\[mujoco\]'"):
         get_family("cheetah-vel").make_env()
     assert main(["train", "cheetah-vel", "--out", str(tmp_path / "r"), "--no-progress"]) == 2
     err = capsys.readouterr().err

@@ -152,3 +152,19 @@ def test_video_errors_are_one_clear_line(cheetah_run, tmp_path):
                            (["--out", "x.avi"], "must end in .mp4 or .gif")]:
         result = video(*extra)
         assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_plot_of_runs_without_checkpoint_or_evaluation(sparse_runs, tmp_path, capsys):
+    run = tmp_path / "kept"  # as the git-kept ablation records: logs, no checkpoint
+    shutil.copytree(sparse_runs[0], run, ignore=shutil.ignore_patterns("checkpoints"))
+    assert main(["plot", str(run), "--out", str(tmp_path / "figs")]) == 0
+    captured = capsys.readouterr()
+    assert "keeps no checkpoint" in captured.err
+    assert (tmp_path / "figs" / "learning_curves.png").exists()
+    assert not (tmp_path / "figs" / "posterior.png").exists()
+    with (run / "eval" / "adaptation.csv").open() as f:
+        header = f.readline()
+    (run / "eval" / "adaptation.csv").write_text(header)  # evaluated nothing yet
+    assert main(["plot", str(run), "--out", str(tmp_path / "figs"), "--tasks", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "has no test-task evaluation in eval/adaptation.csv yet" in err and "Traceback" not in err

@@ -110,3 +110,26 @@ def test_step_updates_every_network_and_polyak_averages_target(tiny_config):
     for name, value in agent.state_dict().items():
         if name.startswith(("encoder", "policy")):
             assert not torch.equal(enc_before[name], value), name
+
+
+def test_without_fused_adam_the_update_falls_back_to_the_same_unfused_one(tiny_config, monkeypatch):
+    real_adam, built = torch.optim.Adam, []
+
+    def adam_without_fused(params, lr, fused=None, foreach=None):  # as torch < 2.4 on CPU
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors "
+                               "of supported devices: ['cuda']")
+        built.append(foreach)
+        return real_adam(params, lr=lr, foreach=foreach)
+
+    monkeypatch.setattr(torch.optim, "Adam", adam_without_fused)
+    _, agent, critics, unfused = _setup(tiny_config)
+    monkeypatch.undo()
+    _, agent_f, critics_f, fused = _setup(tiny_config)
+    assert built == [True] and fused.optimizer.defaults["fused"]
+    for update in (unfused, fused):
+        for _ in range(3):
+            update.step(_batch(4, 8), _batch(4, 8, seed=1), torch.Generator().manual_seed(0))
+    for a, b in zip([*agent.parameters(), *critics.parameters()],
+                    [*agent_f.parameters(), *critics_f.parameters()], strict=True):
+        torch.testing.assert_close(a, b)

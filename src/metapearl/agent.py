@@ -1,18 +1,20 @@
 """PEARLAgent: context inference and acting. The deployment API, and what rollouts call.
 
-Typical use on a new task (SPEC section 5, Algorithm 2)::
+Typical use on a new task (SPEC section 5, Algorithm 2; `evaluation.adapt_to_task` is this)::
 
     agent = PEARLAgent.load("runs/point-robot-s0")
     agent.reset()                                   # belief = prior, context emptied
-    for trajectory in range(3):
+    for k in range(3):
         agent.sample_z()                            # z ~ current belief, once per trajectory
         obs, _ = env.reset()
         for t in range(20):
             action = agent.act(obs)                 # deterministic: tanh of the mean
             next_obs, reward, term, trunc, info = env.step(action)
-            agent.observe(obs, action, reward, next_obs)
+            # the encoder's reward: the sparse one where the env gives it
+            agent.observe(obs, action, info.get("sparse_reward", reward), next_obs)
             obs = next_obs
-        agent.infer_posterior()                     # belief = q(z | everything observed)
+        if k + 1 >= cfg.num_exp_traj_eval:          # the run's config: 1, 2 or 5 trajectories
+            agent.infer_posterior()                 # belief = q(z | everything observed)
 """
 
 from __future__ import annotations

@@ -62,8 +62,10 @@ class TaskReplayBuffer:
 
     def add(self, task: int, rows: np.ndarray) -> None:
         """Append one trajectory's rows (n, width) to `task`, overwriting its oldest rows beyond
-        max_size."""
+        max_size. An empty trajectory (an env that flagged its first step unstable) adds nothing."""
         n = len(rows)
+        if n == 0:
+            return
         needed = min(self.sizes[task] + n, self.max_size)
         if needed > self.capacity:
             self._grow(needed)

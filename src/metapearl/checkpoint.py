@@ -61,8 +61,13 @@ def _fsync_dir(directory: Path) -> None:
 REQUIRED_KEYS = ("config", "iteration", "env_steps", "agent_meta", "agent", "test_tasks")
 
 
-def load_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    run_dir: Path, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, Any]:
     """Load run_dir's checkpoint with weights_only=True: no pickled code is ever executed.
+
+    mmap=True maps the file's tensors (on CPU) instead of reading them: a reader that needs only
+    the agent or the task sets then never reads the replay buffers.
 
     Raises CheckpointError for a missing, truncated, corrupt, unsafe (pickled objects other than
     tensors and plain data) or foreign file.
@@ -71,7 +76,7 @@ def load_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> 
     if not path.exists():
         raise CheckpointError(f"{run_dir} has no checkpoint ({CHECKPOINT_NAME}); is it a run?")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError,
             ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError) as e:
         raise CheckpointError(f"cannot load {path}: {_unloadable(e)}") from None
@@ -154,11 +159,11 @@ def load_state(module: torch.nn.Module | torch.optim.Optimizer, state: Any, what
 
 
 def load_agent(run_dir: Path, device: str = "cpu"):
-    """The trained PEARLAgent of a run."""
+    """The trained PEARLAgent of a run, on `device` (only the agent's tensors are read)."""
     from metapearl.agent import PEARLAgent
 
     cfg = load_run_config(run_dir)
-    state = load_checkpoint(run_dir, device)
+    state = load_checkpoint(run_dir, mmap=True)
     check_compatible(state, cfg)
     meta = state["agent_meta"]
     agent = PEARLAgent.from_config(

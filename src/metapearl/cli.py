@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from metapearl.checkpoint import CheckpointError
+from metapearl.checkpoint import CHECKPOINT_NAME, CheckpointError
 from metapearl.config import (
     FIELD_NAMES,
     RESUME_FIELDS,
@@ -104,15 +104,16 @@ def _cmd_eval(args) -> int:
             setattr(cfg, key, value)
     cfg.validate()
     agent = load_agent(run_dir)
-    state = load_checkpoint(run_dir)
+    state = load_checkpoint(run_dir, mmap=True)  # the task sets; the buffers stay unread
     family = get_family(cfg.family)
     tasks = state["test_tasks"]
     envs = [family.make_env() for _ in range(min(cfg.max_parallel_envs, len(tasks) * cfg.num_evals))]
     for i, env in enumerate(envs):
         env.reset(seed=args.seed * 100_003 + i)
     result = meta_test(agent, family, envs, tasks, cfg, torch.Generator().manual_seed(args.seed))
-    # a protocol other than the run's own gets a file of its own (num_evals only averages)
+    # another protocol or seed than the run's own gets a file of its own (num_evals only averages)
     suffix = "".join(f"_{k}{v}" for k, v in changed.items() if k != "num_evals")
+    suffix += f"_seed{args.seed}" if args.seed else ""
     out = run_dir / "eval" / f"meta_test_itr{state['iteration']}{suffix}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
@@ -124,8 +125,9 @@ def _cmd_eval(args) -> int:
     curve = ", ".join(f"{x:.2f}" for x in result.adaptation_curve())
     print(f"adaptation curve (return of trajectory k): {curve}")
     print(f"wrote {out} and {png}")
-    print(f"AverageReturn_all_test_tasks {result.final_return:.2f}, success "
-          f"{result.final_success_rate:.0%} over {len(tasks)} test tasks x {cfg.num_evals} runs "
+    success = (f", success {result.final_success_rate:.0%}" if family.reports_success else "")
+    print(f"AverageReturn_all_test_tasks {result.final_return:.2f}{success} "
+          f"over {len(tasks)} test tasks x {cfg.num_evals} runs "
           f"(checkpoint after {state['iteration']} iterations, {state['env_steps']} env steps)")
     return 0
 
@@ -151,6 +153,10 @@ def _cmd_plot(args) -> int:
     if args.tasks > 0:
         for label, group in groups.items():
             run = group[0]  # the pictures of the agent: the first run of each group
+            if not (run / CHECKPOINT_NAME).exists():
+                print(f"{run} keeps no checkpoint: its posterior and exploration pictures are "
+                      "skipped", file=sys.stderr)
+                continue
             name = "" if len(groups) == 1 else "_" + "".join(
                 c if c.isalnum() or c in "-." else "_" for c in label)
             rollouts = adaptation_rollouts(run, args.tasks)
@@ -184,6 +190,23 @@ def column_present(run: Path, name: str) -> bool:
     return any(row.get(name) for row in read_progress(run / "progress.csv"))
 
 
+def _int_at_least(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value >= high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high})"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+    return parse
+
+
+SEED = _int_at_least(0, 2**32)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metapearl", description="PEARL meta-reinforcement learning (Rakelly et al. 2019).",
@@ -198,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("family", help="task family (see `metapearl tasks`)")
     p.add_argument("--preset", default=None,
                    help="default (CPU-sized, ours; the default) or paper (SPEC section 7 exactly)")
-    p.add_argument("--seed", type=int, default=None, help="run seed (default 0)")
+    p.add_argument("--seed", type=SEED, default=None, help="run seed (default 0)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field; repeatable (`metapearl config FAMILY` lists them)")
     p.add_argument("--out", default=None, help="run directory (default runs/FAMILY_PRESET_sSEED_TIME)")
@@ -224,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-exp-traj-eval", type=int, default=None, metavar="N",
                    help="trajectories with z from the prior before the first posterior update "
                    "(default: the run's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation's z draws")
+    p.add_argument("--seed", type=SEED, default=0,
+                   help="seed of the evaluation's z draws and env resets (default 0)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
@@ -241,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-by", default=None, metavar="KEY", help="group runs by this config key")
     p.add_argument("--out", default=None,
                    help="output directory (default RUN_DIR/plots for one run, else ./plots)")
-    p.add_argument("--tasks", type=int, default=3,
+    p.add_argument("--tasks", type=_int_at_least(0), default=3,
                    help="test tasks in the exploration and posterior pictures (0: skip them)")
     p.set_defaults(func=_cmd_plot)
 
@@ -250,19 +274,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Render the run's agent adapting to test task K offscreen, following the "
         "meta-test protocol: trajectories one after another, the posterior re-inferred from the "
         "context gathered so far. Needs an offscreen OpenGL: MUJOCO_GL=egl (the default; Debian "
-        "package libegl1) or MUJOCO_GL=osmesa (Debian package libosmesa6); mp4 needs "
-        "imageio-ffmpeg (the video extra), gif needs nothing more.")
+        "package libegl1) or MUJOCO_GL=osmesa (Debian package libosmesa6); gif needs imageio and "
+        "pillow, mp4 imageio-ffmpeg as well (all in the video extra).")
     p.add_argument("run_dir")
-    p.add_argument("--task", type=int, default=0, metavar="K", help="test task index (default 0)")
+    p.add_argument("--task", type=_int_at_least(0), default=0, metavar="K",
+                   help="test task index (default 0)")
     p.add_argument("--out", default=None,
                    help="output file, .mp4 or .gif (default RUN_DIR/videos/taskK.mp4)")
-    p.add_argument("--trajectories", type=int, default=None,
+    p.add_argument("--trajectories", type=_int_at_least(1), default=None,
                    help="trajectories to show (default: the meta-test's, num_steps_per_eval / "
                    "max_path_length)")
-    p.add_argument("--width", type=int, default=480)
-    p.add_argument("--height", type=int, default=320)
-    p.add_argument("--every", type=int, default=1, help="render one step in this many")
-    p.add_argument("--seed", type=int, default=0, help="seed of the z draws and env resets")
+    p.add_argument("--width", type=_int_at_least(1), default=480, help="frame width in pixels")
+    p.add_argument("--height", type=_int_at_least(1), default=320, help="frame height in pixels")
+    p.add_argument("--every", type=_int_at_least(1), default=1, help="render one step in this many")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the z draws and env resets")
     p.set_defaults(func=_cmd_video)
 
     p = sub.add_parser("tasks", help="list task families", description="List task families.")
@@ -270,9 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print a family's config with the meaning of every field",
                        description="Print every config field, its value and its meaning.")
-    p.add_argument("family")
-    p.add_argument("--preset", default="default")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("family", help="task family (see `metapearl tasks`)")
+    p.add_argument("--preset", default="default", help="default (the default) or paper")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, as for train; repeatable")
     p.set_defaults(func=_cmd_config)
     return parser
 

@@ -94,7 +94,8 @@ class PEARLConfig:
 
         if self.family not in family_names():
             raise ConfigError(
-                f"unknown task family {self.family!r}; known: {', '.join(family_names())}"
+                f"unknown task family {self.family!r}; known: {', '.join(family_names())} (a "
+                "family of your own must be registered with register_family in this process first)"
             )
         positive = [
             "num_train_tasks", "num_test_tasks", "max_path_length", "latent_size", "net_size",
@@ -114,6 +115,8 @@ class PEARLConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.seed >= 2**32:
+            raise ConfigError(f"seed must be < 2**32, got {self.seed}")
         for name in ("lr", "reward_scale"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -210,7 +213,7 @@ def _set_field(cfg: PEARLConfig, key: str, value: Any) -> None:
     if key not in types:
         close = [n for n in FIELD_NAMES if key.lower() in n or n in key.lower()]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ConfigError(f"unknown config key {key!r}{hint}; `metapearl config` lists them")
+        raise ConfigError(f"unknown config key {key!r}{hint}; `metapearl config FAMILY` lists them")
     setattr(cfg, key, _coerce(key, types[key], value))
 
 

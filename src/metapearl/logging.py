@@ -52,7 +52,7 @@ class TensorBoardLog:
             from metapearl.tasks import MissingExtraError
 
             raise MissingExtraError("tensorboard=true needs TensorBoard: "
-                                    "pip install 'metapearl[tensorboard]'") from None
+                                    "pip install -e '.[tensorboard]' in the metapearl checkout") from None
         purge = resume_env_steps + 1 if resume else None
         self.writer = SummaryWriter(str(run_dir), purge_step=purge)
 

@@ -136,6 +136,8 @@ def _adaptation(run: Path, csv_name: str = "adaptation.csv") -> tuple[int, np.nd
         raise PlotError(f"{run} has no eval/adaptation.csv yet")
     with path.open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
+    if not rows:
+        raise PlotError(f"{run} has no test-task evaluation in eval/{csv_name} yet")
     last = max(int(r["iteration"]) for r in rows)
     pts = sorted((int(r["trajectory"]), float(r["return"])) for r in rows
                  if int(r["iteration"]) == last)
@@ -195,7 +197,7 @@ def adaptation_rollouts(run: Path, num_tasks: int = 3, trajectories: int | None 
     agent = PEARLAgent.load(run)
     agent.generator = torch.Generator().manual_seed(seed)
     family = get_family(cfg.family)
-    tasks = load_checkpoint(run)["test_tasks"][:num_tasks]
+    tasks = load_checkpoint(run, mmap=True)["test_tasks"][:num_tasks]
     env = family.make_env()
     out = []
     for i, task in enumerate(tasks):

@@ -59,8 +59,11 @@ class PEARLUpdate:
         self.agent, self.critics, self.cfg = agent, critics, cfg
         self._groups = [list(m.parameters()) for m in
                         (agent.encoder, agent.policy, critics.qf, critics.vf)]
-        self.optimizer = torch.optim.Adam([p for g in self._groups for p in g], lr=cfg.lr,
-                                          fused=True)
+        params = [p for g in self._groups for p in g]
+        try:
+            self.optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=True)
+        except RuntimeError:  # torch < 2.4 has no fused Adam on CPU: the same update, unfused
+            self.optimizer = torch.optim.Adam(params, lr=cfg.lr, foreach=True)
         self._vf_params = list(critics.vf.parameters())
         self._target_params = list(critics.target_vf.parameters())
 

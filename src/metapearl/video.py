@@ -78,7 +78,7 @@ def _check_setup(out: Path) -> None:
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         raise RendererError(f"writing {out.suffix} needs {', '.join(missing)}: "
-                            "pip install 'metapearl[video]'")
+                            "pip install -e '.[video]' in the metapearl checkout")
     headless = not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
     if headless and "MUJOCO_GL" not in os.environ:
         if "mujoco" in sys.modules:
@@ -111,7 +111,7 @@ def render_adaptation(run_dir: Path, task: int, out: Path, trajectories: int | N
     if not isinstance(family, MujocoFamily):
         raise CheckpointError(f"videos are for MuJoCo families; {cfg.family} is not one (for 2-D "
                               "families `metapearl plot` draws the exploration trajectories)")
-    tasks = load_checkpoint(run_dir)["test_tasks"]
+    tasks = load_checkpoint(run_dir, mmap=True)["test_tasks"]
     if not 0 <= task < len(tasks):
         raise CheckpointError(f"--task must be in 0..{len(tasks) - 1} (the run's test tasks)")
     agent = PEARLAgent.load(run_dir)

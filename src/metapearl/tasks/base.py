@@ -2,7 +2,8 @@
 
 A *task family* is a distribution of MDPs over one Gymnasium environment. It makes environments,
 draws a seeded set of tasks (plain JSON-able dicts) and sets a task on an environment. That is all
-PEARL needs: ``rollout`` and ``evaluation`` are the only users.
+PEARL needs from it (the trainer, the meta-test, the command line and the pictures use only
+these).
 
 Reward conventions read by the rollout:
 - ``reward`` returned by ``env.step`` trains the critic;

@@ -18,7 +18,8 @@ import numpy as np
 
 from metapearl.tasks.base import Task, TaskFamily
 
-EXTRA_HINT = "pip install 'metapearl[mujoco]' (gymnasium[mujoco] and mujoco 3.3.x)"
+EXTRA_HINT = ("pip install -e '.[mujoco]' in the metapearl checkout, or EXTRAS=test,mujoco "
+              "bash scripts/setup.sh (gymnasium[mujoco] and mujoco 3.3.x)")
 
 
 class MissingExtraError(ImportError):
