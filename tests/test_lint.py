@@ -14,3 +14,10 @@ def test_ruff_is_clean():
     result = subprocess.run([ruff, "check", "src", "tests", "benchmarks", "examples"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "SPEC.md").exists(),
+                    reason="the project's shared specification is not beside this checkout")
+def test_the_spec_shipped_in_docs_is_the_projects_current_one():
+    shared = (ROOT.parent / "shared" / "SPEC.md").read_text()
+    assert (ROOT / "docs" / "SPEC.md").read_text() == shared, "cp ../shared/SPEC.md docs/SPEC.md"
