@@ -1,0 +1,93 @@
+"""How a trained sparse-point-robot agent explores: where the successes come from.
+
+Runs the meta-test (SPEC section 5) on every test task of a run through the deployment API:
+`num_exp_traj_eval` trajectories with z from the prior, then z from the posterior of the sparse
+context, until `num_steps_per_eval` steps. Prints the success rate of the last trajectory split by
+whether a prior-phase trajectory reached the goal radius, how many tasks ever reach it, the
+posterior variance after the prior phase, and how far apart the trajectories of each phase end
+(the spread of their end angles on the half circle of goals):
+
+    python benchmarks/sparse_exploration.py runs/sparse-point-robot [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metapearl.agent import PEARLAgent
+from metapearl.checkpoint import load_checkpoint, load_run_config
+from metapearl.tasks import get_family
+
+
+def adapt(agent: PEARLAgent, env, cfg, seed: int) -> dict:
+    """One meta-test slot; per trajectory: reached the goal radius, end angle."""
+    agent.reset()
+    reached, angles, steps, var_after_prior = [], [], 0, None
+    while steps < cfg.num_steps_per_eval:
+        agent.sample_z()
+        obs, _ = env.reset(seed=seed + len(reached))
+        hit = False
+        for _ in range(cfg.max_path_length):
+            action = agent.act(obs)
+            next_obs, _, _, _, info = env.step(action)
+            agent.observe(obs, action, info["sparse_reward"], next_obs)
+            hit |= info["success"]
+            obs = next_obs
+            steps += 1
+        reached.append(hit)
+        angles.append(float(np.arctan2(obs[1], obs[0])))
+        if len(reached) >= cfg.num_exp_traj_eval:
+            agent.infer_posterior()
+        if len(reached) == cfg.num_exp_traj_eval:
+            var_after_prior = float(agent.belief_var.mean())
+    k = cfg.num_exp_traj_eval
+    return {"prior_hit": any(reached[:k]), "ever": any(reached), "success": reached[-1],
+            "var": var_after_prior, "spread_prior": np.std(angles[:k]),
+            "spread_posterior": np.std(angles[k:])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="a sparse-point-robot run (its latest checkpoint is used)")
+    parser.add_argument("--runs", type=int, default=3, help="repetitions per test task")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    run = Path(args.run_dir)
+    cfg = load_run_config(run)
+    if cfg.family != "sparse-point-robot":
+        parser.error(f"{run} is not a sparse-point-robot run")
+    agent = PEARLAgent.load(run)
+    agent.generator = torch.Generator().manual_seed(args.seed)
+    family = get_family(cfg.family)
+    env = family.make_env()
+    state = load_checkpoint(run, mmap=True)
+    slots = []
+    for t, task in enumerate(state["test_tasks"]):
+        family.set_task(env, task)
+        slots += [adapt(agent, env, cfg, 1000 * (args.seed * 997 + t) + 50 * r)
+                  for r in range(args.runs)]
+    col = lambda key, rows=slots: np.array([s[key] for s in rows], float)  # noqa: E731
+    hit = col("prior_hit") == 1
+    k = cfg.num_exp_traj_eval
+    print(f"{run} after {state['iteration']} iterations: {len(slots)} meta-tests "
+          f"({len(state['test_tasks'])} test tasks x {args.runs}), {k} prior trajectories of "
+          f"{cfg.num_steps_per_eval // cfg.max_path_length}")
+    print(f"  success of the last trajectory          {col('success').mean():6.1%}")
+    print(f"  a prior trajectory reached the goal     {hit.mean():6.1%}")
+    print(f"  any trajectory reached the goal         {col('ever').mean():6.1%}")
+    for name, rows in [("after a prior-phase hit", hit), ("without one", ~hit)]:
+        if rows.any():
+            print(f"  success {name:<31} {col('success')[rows].mean():6.1%}  "
+                  f"(posterior variance after the prior phase {col('var')[rows].mean():.3f}, "
+                  f"prior 1)")
+    print(f"  spread of end angles, prior phase       {col('spread_prior').mean():6.3f} rad")
+    print(f"  spread of end angles, posterior phase   {col('spread_posterior').mean():6.3f} rad")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The diagnostic scripts in benchmarks/ run on a trained run and print what they promise."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from metapearl import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str, *args) -> str:
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *map(str, args)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from conftest import TINY
+
+    from metapearl.config import make_config
+
+    root = tmp_path_factory.mktemp("bench")
+    out = {}
+    for family, extra in [("point-robot", {}), ("sparse-point-robot", {"num_exp_traj_eval": 2})]:
+        out[family] = root / family
+        train(make_config(family, "default", {**TINY, **extra}), out[family], progress=False)
+    return out
+
+
+def test_point_robot_context_scores_every_way(runs):
+    out = _script("point_robot_context.py", runs["point-robot"], "--runs", "1")
+    scores = re.findall(r"^  (.+?)\s+(-?\d+\.\d\d)$", out, re.M)
+    assert len(scores) == 6 and scores[0][0].startswith("meta-test")
+    # 20 steps from [-1,1]^2, at most 0.1 per coordinate each, goal in [-1,1]^2: every distance
+    # is below 4 sqrt(2)
+    assert all(-20 * 4 * 2**0.5 < float(value) <= 0.0 for _, value in scores)
+
+
+def test_sparse_exploration_splits_success_by_prior_phase_hits(runs):
+    out = _script("sparse_exploration.py", runs["sparse-point-robot"], "--runs", "2")
+    assert "6 meta-tests (3 test tasks x 2), 2 prior trajectories of 4" in out
+    rates = {name.strip(): float(v) for name, v in
+             re.findall(r"^  (success of the last trajectory|a prior trajectory reached the goal|"
+                        r"any trajectory reached the goal)\s+(\d+\.\d)%", out, re.M)}
+    assert len(rates) == 3 and rates["a prior trajectory reached the goal"] <= rates[
+        "any trajectory reached the goal"]
+    wrong = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sparse_exploration.py"),
+                            str(runs["point-robot"])], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "is not a sparse-point-robot run" in wrong.stderr
