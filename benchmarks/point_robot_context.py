@@ -78,7 +78,7 @@ def main() -> None:
     agent.generator = torch.Generator().manual_seed(args.seed)
     family = get_family("point-robot")
     env = family.make_env()
-    tasks = load_checkpoint(run)["test_tasks"]
+    tasks = load_checkpoint(run, mmap=True)["test_tasks"]
     print(f"{run}: return of a deterministic trajectory after each context, mean over "
           f"{len(tasks)} test tasks x {args.runs} runs (oracle -5.19, random -21.45)")
     for name, (pieces, final) in WAYS.items():

@@ -1,6 +1,7 @@
 """How a trained sparse-point-robot agent explores: where the successes come from.
 
-Runs the meta-test (SPEC section 5) on every test task of a run through the deployment API:
+Runs the meta-test (SPEC section 5) on every test task of a run through the deployment API
+(`metapearl.evaluation.adapt_to_task`):
 `num_exp_traj_eval` trajectories with z from the prior, then z from the posterior of the sparse
 context, until `num_steps_per_eval` steps. Prints the success rate of the last trajectory split by
 whether a prior-phase trajectory reached the goal radius, how many tasks ever reach it, the
@@ -20,34 +21,28 @@ import torch
 
 from metapearl.agent import PEARLAgent
 from metapearl.checkpoint import load_checkpoint, load_run_config
+from metapearl.evaluation import adapt_to_task
 from metapearl.tasks import get_family
 
 
 def adapt(agent: PEARLAgent, env, cfg, seed: int) -> dict:
-    """One meta-test slot; per trajectory: reached the goal radius, end angle."""
-    agent.reset()
-    reached, angles, steps, var_after_prior = [], [], 0, None
-    while steps < cfg.num_steps_per_eval:
-        agent.sample_z()
-        obs, _ = env.reset(seed=seed + len(reached))
-        hit = False
-        for _ in range(cfg.max_path_length):
-            action = agent.act(obs)
-            next_obs, _, _, _, info = env.step(action)
-            agent.observe(obs, action, info["sparse_reward"], next_obs)
-            hit |= info["success"]
-            obs = next_obs
-            steps += 1
-        reached.append(hit)
-        angles.append(float(np.arctan2(obs[1], obs[0])))
-        if len(reached) >= cfg.num_exp_traj_eval:
-            agent.infer_posterior()
-        if len(reached) == cfg.num_exp_traj_eval:
-            var_after_prior = float(agent.belief_var.mean())
+    """One meta-test slot (`adapt_to_task`): which trajectories reached the goal radius, where
+    they ended, and the posterior variance after the prior phase."""
     k = cfg.num_exp_traj_eval
+    var_after_prior = []
+
+    def on_step(trajectory: int, t: int, _return: float) -> None:
+        if trajectory == k and t == 0:  # acting on the first posterior
+            var_after_prior.append(float(agent.belief_var.mean()))
+
+    trajectories = adapt_to_task(agent, env, cfg, seed=seed, on_step=on_step)
+    # the context reward is 1 - distance inside the goal radius and 0 outside it
+    reached = [bool((tr["rewards"] > 0).any()) for tr in trajectories]
+    angles = [float(np.arctan2(tr["next_obs"][-1, 1], tr["next_obs"][-1, 0]))
+              for tr in trajectories]
     return {"prior_hit": any(reached[:k]), "ever": any(reached), "success": reached[-1],
-            "var": var_after_prior, "spread_prior": np.std(angles[:k]),
-            "spread_posterior": np.std(angles[k:])}
+            "var": var_after_prior[0] if var_after_prior else None,
+            "spread_prior": np.std(angles[:k]), "spread_posterior": np.std(angles[k:])}
 
 
 def main() -> None:

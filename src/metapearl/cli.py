@@ -11,6 +11,7 @@ from metapearl.checkpoint import CHECKPOINT_NAME, CheckpointError
 from metapearl.config import (
     FIELD_NAMES,
     RESUME_FIELDS,
+    SEED_LIMIT,
     ConfigError,
     PEARLConfig,
     field_help,
@@ -96,12 +97,11 @@ def _cmd_eval(args) -> int:
 
     run_dir = Path(args.run_dir)
     cfg = load_run_config(run_dir)
-    protocol = {"num_evals": args.num_evals, "num_steps_per_eval": args.num_steps_per_eval,
-                "num_exp_traj_eval": args.num_exp_traj_eval}
-    changed = {k: v for k, v in protocol.items() if v is not None and v != getattr(cfg, k)}
-    for key, value in protocol.items():
-        if value is not None:
-            setattr(cfg, key, value)
+    given = {"num_evals": args.num_evals, "num_steps_per_eval": args.num_steps_per_eval,
+             "num_exp_traj_eval": args.num_exp_traj_eval}
+    changed = {k: v for k, v in given.items() if v is not None and v != getattr(cfg, k)}
+    for key, value in changed.items():
+        setattr(cfg, key, value)
     cfg.validate()
     agent = load_agent(run_dir)
     state = load_checkpoint(run_dir, mmap=True)  # the task sets; the buffers stay unread
@@ -190,7 +190,7 @@ def column_present(run: Path, name: str) -> bool:
     return any(row.get(name) for row in read_progress(run / "progress.csv"))
 
 
-def _int_at_least(low: int, high: int | None = None):
+def _int_in(low: int, high: int | None = None):
     """An argparse type: an integer in [low, high)."""
     def parse(text: str) -> int:
         try:
@@ -204,7 +204,7 @@ def _int_at_least(low: int, high: int | None = None):
     return parse
 
 
-SEED = _int_at_least(0, 2**32)
+SEED = _int_in(0, SEED_LIMIT)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-by", default=None, metavar="KEY", help="group runs by this config key")
     p.add_argument("--out", default=None,
                    help="output directory (default RUN_DIR/plots for one run, else ./plots)")
-    p.add_argument("--tasks", type=_int_at_least(0), default=3,
+    p.add_argument("--tasks", type=_int_in(0), default=3,
                    help="test tasks in the exploration and posterior pictures (0: skip them)")
     p.set_defaults(func=_cmd_plot)
 
@@ -277,16 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
         "package libegl1) or MUJOCO_GL=osmesa (Debian package libosmesa6); gif needs imageio and "
         "pillow, mp4 imageio-ffmpeg as well (all in the video extra).")
     p.add_argument("run_dir")
-    p.add_argument("--task", type=_int_at_least(0), default=0, metavar="K",
+    p.add_argument("--task", type=_int_in(0), default=0, metavar="K",
                    help="test task index (default 0)")
     p.add_argument("--out", default=None,
                    help="output file, .mp4 or .gif (default RUN_DIR/videos/taskK.mp4)")
-    p.add_argument("--trajectories", type=_int_at_least(1), default=None,
+    p.add_argument("--trajectories", type=_int_in(1), default=None,
                    help="trajectories to show (default: the meta-test's, num_steps_per_eval / "
                    "max_path_length)")
-    p.add_argument("--width", type=_int_at_least(1), default=480, help="frame width in pixels")
-    p.add_argument("--height", type=_int_at_least(1), default=320, help="frame height in pixels")
-    p.add_argument("--every", type=_int_at_least(1), default=1, help="render one step in this many")
+    p.add_argument("--width", type=_int_in(1), default=480, help="frame width in pixels")
+    p.add_argument("--height", type=_int_in(1), default=320, help="frame height in pixels")
+    p.add_argument("--every", type=_int_in(1), default=1, help="render one step in this many")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the z draws and env resets")
     p.set_defaults(func=_cmd_video)
 

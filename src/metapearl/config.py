@@ -115,7 +115,7 @@ class PEARLConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.seed >= 2**32:
+        if self.seed >= SEED_LIMIT:
             raise ConfigError(f"seed must be < 2**32, got {self.seed}")
         for name in ("lr", "reward_scale"):
             if not getattr(self, name) > 0:
@@ -161,6 +161,7 @@ class PEARLConfig:
 
 
 CONTEXT_SAMPLERS = ("recent", "off-policy", "off-policy-rl-batch")
+SEED_LIMIT = 2**32  # seeds are in [0, 2**32): numpy, torch and Gymnasium all take them
 # Fields `train --resume --set` may change: how long a run goes on and how many CPU threads it
 # uses, not what an iteration computes (so a finished run can be extended).
 RESUME_FIELDS = ("num_iterations", "torch_threads")
