@@ -94,6 +94,9 @@ def test_resume_with_more_iterations_extends_a_finished_run(tiny_config, tmp_pat
     assert (stored["num_iterations"], stored["torch_threads"]) == (4, 1)
     assert main(argv) == 0  # nothing left to do: the run stays as it is
     assert _numbers(run) == after
+    # the first command line plus --resume: the run's own seed, preset and values may be repeated
+    same = ["--seed", str(stored["seed"]), "--preset", stored["preset"], "--set", f"lr={stored['lr']}"]
+    assert main(argv + same) == 0 and _numbers(run) == after
     assert main(argv + ["--set", "num_iterations=3"]) == 2  # fewer than it has run: refused
     assert "has run 4 iterations; num_iterations=3 would undo them" in capsys.readouterr().err
     assert json.loads((run / "config.json").read_text())["num_iterations"] == 4

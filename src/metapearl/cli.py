@@ -9,7 +9,6 @@ from pathlib import Path
 
 from metapearl.checkpoint import CHECKPOINT_NAME, CheckpointError
 from metapearl.config import (
-    FIELD_NAMES,
     RESUME_FIELDS,
     SEED_LIMIT,
     ConfigError,
@@ -60,18 +59,22 @@ def _cmd_train(args) -> int:
     if args.resume:
         if args.out is None:
             raise ConfigError("--resume needs --out RUN_DIR, the run to continue")
-        given = [flag for flag, used in [("--seed", args.seed is not None),
-                                         ("--preset", args.preset is not None)] if used]
-        given += [f"--set {key}" for key in overrides
-                  if key in FIELD_NAMES and key not in RESUME_FIELDS]
-        if given:
-            raise ConfigError(f"--resume continues a run with its own config.json; "
-                              f"{', '.join(given)} cannot change it (--set may change "
-                              f"{' and '.join(RESUME_FIELDS)})")
         cfg = load_run_config(Path(args.out))
         if cfg.family != args.family:
             raise ConfigError(f"{args.out} is a {cfg.family} run, not {args.family}")
-        cfg = PEARLConfig.from_dict({**cfg.to_dict(), **overrides})
+        resumed = PEARLConfig.from_dict({**cfg.to_dict(), **overrides})
+        # The run's own values may be repeated (the first command line plus --resume); only
+        # num_iterations and torch_threads may change.
+        changed = [flag for flag, given, stored in [("--seed", args.seed, cfg.seed),
+                                                    ("--preset", args.preset, cfg.preset)]
+                   if given is not None and given != stored]
+        changed += [f"--set {key}" for key in overrides
+                    if key not in RESUME_FIELDS and getattr(resumed, key) != getattr(cfg, key)]
+        if changed:
+            raise ConfigError(f"--resume continues a run with its own config.json; "
+                              f"{', '.join(changed)} cannot change it (--set may change "
+                              f"{' and '.join(RESUME_FIELDS)})")
+        cfg = resumed
         run_dir = Path(args.out)
     else:
         if args.seed is not None:
@@ -226,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field; repeatable (`metapearl config FAMILY` lists them)")
     p.add_argument("--out", default=None, help="run directory (default runs/FAMILY_PRESET_sSEED_TIME)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its latest checkpoint; with --set "
+                   help="continue the run in --out from its latest checkpoint (its first "
+                   "command line plus --resume does it; a changed value is refused); with --set "
                    "num_iterations=N a finished run goes on to N iterations")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
