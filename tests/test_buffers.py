@@ -82,6 +82,38 @@ def test_encoder_buffer_holds_only_the_latest_collection_and_no_extra_rl_steps(t
             assert tr.enc_buffer.sizes[t] == enc0[t] and tr.rl_buffer.sizes[t] == rl0[t]
 
 
+@pytest.mark.parametrize("every, inferences_per_phase", [(1, 3), (2, 2)])
+def test_posterior_phases_act_on_a_posterior_reinferred_every_update_post_train_trajectories(
+        every, inferences_per_phase, tiny_config, tmp_path, monkeypatch):
+    import metapearl.trainer as trainer_mod
+
+    cfg = tiny_config(num_tasks_sample=1, num_steps_prior=20, num_steps_posterior=20,
+                      num_extra_rl_steps_posterior=20, max_path_length=10, update_post_train=every)
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    tr.collect_iteration_data()  # iteration 0: the initial collection, then one drawn task
+    tr.iteration = 1
+    starts, inferred = [], []
+    real_collect, real_posterior = trainer_mod.collect, tr.agent.posterior
+
+    def spy_collect(agent, envs, belief, *args, **kwargs):
+        starts.append(belief.var.clone())
+        return real_collect(agent, envs, belief, *args, **kwargs)
+
+    def spy_posterior(context, mask=None):
+        inferred.append(context.shape[0])
+        return real_posterior(context, mask)
+
+    monkeypatch.setattr(trainer_mod, "collect", spy_collect)
+    monkeypatch.setattr(tr.agent, "posterior", spy_posterior)
+    tr.collect_iteration_data()
+    prior_phase, posterior_phase, extra_rl_phase = starts
+    assert torch.equal(prior_phase, torch.ones_like(prior_phase))  # z ~ N(0, I)
+    # the posterior phases start from q(z | prior-phase context), not from the prior ...
+    assert (posterior_phase < 0.5).all() and (extra_rl_phase < 0.5).all()
+    # ... and re-infer it after every `every` of their 2 trajectories
+    assert inferred == [1] * 2 * inferences_per_phase
+
+
 def test_sequence_batches_are_whole_trajectories_in_collection_order():
     buf = TaskReplayBuffer(2, 2, 1, max_size=1000, initial_capacity=4)
     lengths = [5, 3, 7, 4, 6]  # trajectories of task 0, rows numbered 0..24 in collection order

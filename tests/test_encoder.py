@@ -2,11 +2,13 @@ import math
 
 import torch
 
+from metapearl.agent import PEARLAgent
 from metapearl.encoder import (
     ContextEncoder,
     RecurrentEncoder,
     kl_to_standard_normal,
     product_of_gaussians,
+    sample_z,
 )
 
 
@@ -67,7 +69,7 @@ def test_deterministic_encoder_is_the_mean_of_outputs_with_zero_variance():
     assert torch.equal(enc(ctx)[0], mu)  # identical context -> identical z
 
 
-def test_encoder_variance_is_softplus_of_raw_output_clamped():
+def test_encoder_variance_is_softplus_of_raw_output():
     torch.manual_seed(0)
     enc = ContextEncoder(4, 2, 8, information_bottleneck=True)
     ctx = torch.randn(1, 1, 4)
@@ -113,3 +115,33 @@ def test_recurrent_encoder_truncates_backprop_only_in_training():
         torch.testing.assert_close(enc(ctx)[0], enc.train()(ctx)[0])
     _, var = enc(ctx)
     assert torch.all(var == 0)  # deterministic z
+
+
+def test_factor_variances_are_clamped_at_1e_minus_7():
+    enc = ContextEncoder(4, 2, 8, information_bottleneck=True)
+    with torch.no_grad():
+        last = enc.net.net[-1]
+        last.weight.zero_()
+        last.bias.fill_(-50.0)  # softplus(-50) ~ 2e-22 per factor without the clamp
+    _, var = enc(torch.randn(1, 3, 4))
+    torch.testing.assert_close(var, torch.full((1, 2), 1e-7 / 3), rtol=1e-5, atol=0)  # 3 factors
+
+
+def test_sample_z_draws_from_the_posterior_by_reparameterisation():
+    n = 200_000
+    mu = torch.tensor([1.0, -2.0]).repeat(n, 1).requires_grad_()
+    var = torch.tensor([4.0, 0.25]).repeat(n, 1).requires_grad_()
+    z = sample_z(mu, var, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(z.mean(0), torch.tensor([1.0, -2.0]), atol=0.02, rtol=0)
+    torch.testing.assert_close(z.var(0), torch.tensor([4.0, 0.25]), rtol=0.02, atol=0)
+    z.sum().backward()  # z = mu + sqrt(var) eps: dz/dmu = 1, dz/dvar = eps / (2 sqrt(var))
+    eps = ((z - mu) / var.sqrt()).detach()
+    torch.testing.assert_close(mu.grad, torch.ones_like(mu))
+    torch.testing.assert_close(var.grad, eps / (2 * var.detach().sqrt()))
+
+
+def test_context_rows_are_s_a_r_and_s_next_only_when_configured(tiny_config):
+    obs, act, rew, nxt = (torch.randn(2, 3, d) for d in (2, 2, 1, 2))
+    for use_next, parts in [(False, [obs, act, rew]), (True, [obs, act, rew, nxt])]:
+        agent = PEARLAgent.from_config(tiny_config(use_next_obs_in_context=use_next), 2, 2)
+        assert torch.equal(agent.make_context(obs, act, rew, nxt), torch.cat(parts, -1))

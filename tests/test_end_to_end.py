@@ -36,7 +36,14 @@ def test_short_run_writes_the_run_directory(family, tiny_config, tmp_path):
                 "Z/mean_abs", "Z/variance", "Time/train_s"]:
         assert rows[-1][col] != "", col
     assert summary.iterations == 2 and np.isfinite(summary.final_test_return)
-    assert int(rows[-1]["Number of env steps total"]) == summary.env_steps > 0
+    assert int(rows[-1]["Number of env steps total"]) == summary.env_steps
+    # training steps only (evaluation steps are not counted): the initial collection in every
+    # training task, then per iteration the drawn tasks' prior, posterior and extra-RL steps
+    per_iteration = cfg.num_tasks_sample * (cfg.num_steps_prior + cfg.num_steps_posterior
+                                            + cfg.num_extra_rl_steps_posterior)
+    initial = cfg.num_train_tasks * cfg.num_initial_steps
+    assert [int(r["Number of env steps total"]) for r in rows] == [
+        initial + per_iteration, initial + 2 * per_iteration]
 
 
 def test_same_seed_gives_identical_progress(tiny_config, tmp_path):

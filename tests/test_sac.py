@@ -40,10 +40,10 @@ def _grads(update, rl, ctx):
                          **{f"critics.{n}": p for n, p in update.critics.named_parameters()}}.items()}
 
 
-def _perturb(module):
+def _perturb(module, scale=0.5):
     with torch.no_grad():
         for p in module.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
+            p.add_(torch.randn_like(p) * scale)
 
 
 def test_encoder_learns_from_critic_and_kl_only(tiny_config):
@@ -133,3 +133,73 @@ def test_without_fused_adam_the_update_falls_back_to_the_same_unfused_one(tiny_c
     for a, b in zip([*agent.parameters(), *critics.parameters()],
                     [*agent_f.parameters(), *critics_f.parameters()], strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_losses_are_the_formulas_of_spec_section_3(tiny_config):
+    """Every loss of one step, recomputed here in float64, task by task, from the networks' raw
+    layers: PoG posterior from the *context* reward, z by reparameterisation, KL summed over tasks
+    and latent dims, y with done masking, min of Q1/Q2, V target min Q - log pi, policy loss with
+    both regularisers, total = L_Q + kl_lambda KL + L_V + L_pi."""
+    cfg, agent, critics, update = _setup(
+        tiny_config, reward_scale=7.0, discount=0.8, kl_lambda=0.3,
+        policy_mean_reg_weight=0.05, policy_std_reg_weight=0.02)
+    for module in (agent.encoder, critics.qf, critics.vf, critics.target_vf):
+        _perturb(module)  # outputs well away from the small initial ones: every term counts
+    _perturb(agent.policy, 0.2)  # (not so far that tanh saturates in float64 below)
+    tasks, n, lat = 3, 5, cfg.latent_size
+    rl, ctx = _batch(tasks, n, seed=2), _batch(tasks, 4, seed=3)
+    rl.terminals = (torch.arange(tasks * n).reshape(tasks, n, 1) % 2).float()
+    total, stats = update.losses(rl, ctx, torch.Generator().manual_seed(11))
+
+    # the update draws z's noise (tasks, latent), then the policy's (tasks * n, act), in this order
+    g = torch.Generator().manual_seed(11)
+    eps_z = torch.randn(tasks, lat, generator=g).double()
+    eps_a = torch.randn(tasks * n, 2, generator=g).double()
+    enc, pol = copy.deepcopy(agent.encoder.net).double(), copy.deepcopy(agent.policy.net).double()
+    vf, target_vf = copy.deepcopy(critics.vf).double(), copy.deepcopy(critics.target_vf).double()
+    qf = copy.deepcopy(critics.qf).double()
+    d = lambda x: x.double()  # noqa: E731
+    normal01 = torch.distributions.Normal(0.0, 1.0)
+    loss_q = loss_v = loss_pi_main = mean_sq = log_std_sq = kl = 0.0
+    for i in range(tasks):
+        out = enc(torch.cat([d(ctx.obs[i]), d(ctx.actions[i]), d(ctx.context_rewards[i])], -1))
+        mu_n, var_n = out[:, :lat], torch.nn.functional.softplus(out[:, lat:])
+        var = 1.0 / (1.0 / var_n).sum(0)
+        mu = var * (mu_n / var_n).sum(0)
+        kl += torch.distributions.kl_divergence(torch.distributions.Normal(mu, var.sqrt()),
+                                                normal01).sum()
+        z = (mu + var.sqrt() * eps_z[i]).expand(n, lat)
+        s, a, s2 = d(rl.obs[i]), d(rl.actions[i]), d(rl.next_obs[i])
+        y = 7.0 * d(rl.rewards[i]) + (1 - d(rl.terminals[i])) * 0.8 * target_vf(torch.cat([s2, z], -1))
+        q1, q2 = qf(torch.cat([s, a, z], -1))
+        loss_q = loss_q + ((q1 - y) ** 2).sum() + ((q2 - y) ** 2).sum()
+        mean, log_std = pol(torch.cat([s, z], -1)).chunk(2, -1)
+        log_std = log_std.clamp(-20, 2)
+        pre = mean + log_std.exp() * eps_a[i * n:(i + 1) * n]
+        new_a = torch.tanh(pre)
+        assert pre.abs().max() < 6
+        log_pi = (torch.distributions.Normal(mean, log_std.exp()).log_prob(pre)
+                  - torch.log(1 - new_a ** 2)).sum(-1, keepdim=True)
+        min_q = torch.minimum(*qf(torch.cat([s, new_a, z], -1)))
+        loss_v = loss_v + ((vf(torch.cat([s, z], -1)) - (min_q - log_pi)) ** 2).sum()
+        loss_pi_main = loss_pi_main + (log_pi - min_q).sum()
+        mean_sq, log_std_sq = mean_sq + (mean ** 2).sum(), log_std_sq + (log_std ** 2).sum()
+    rows = tasks * n
+    expected = torch.stack([
+        loss_q / rows, loss_v / rows,
+        loss_pi_main / rows + 0.05 * mean_sq / (rows * 2) + 0.02 * log_std_sq / (rows * 2), kl])
+    torch.testing.assert_close(stats[:4].double(), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(total.double(), expected[0] + 0.3 * kl + expected[1] + expected[2],
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_kl_weight_scales_only_the_encoder_gradient_part_from_kl(tiny_config):
+    """d total / d encoder = d L_Q / d encoder + kl_lambda d KL / d encoder: linear in kl_lambda."""
+    grads = {}
+    for lam in (0.0, 1.0, 2.0):
+        _, agent, _, update = _setup(tiny_config, kl_lambda=lam)
+        g = _grads(update, _batch(4, 8), _batch(4, 8, seed=1))
+        grads[lam] = torch.cat([g[k].flatten() for k in sorted(g) if k.startswith("agent.encoder")])
+    assert (grads[1.0] - grads[0.0]).abs().max() > 1e-6
+    torch.testing.assert_close(grads[2.0] - grads[0.0], 2 * (grads[1.0] - grads[0.0]),
+                               rtol=1e-4, atol=1e-7)
