@@ -316,10 +316,6 @@ GENERIC_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_names(family: str) -> list[str]:
-    return sorted(PRESETS.get(family, GENERIC_PRESETS))
-
-
 def make_config(
     family: str, preset: str = "default", overrides: dict[str, Any] | None = None
 ) -> PEARLConfig:

@@ -7,11 +7,6 @@ import csv
 import math
 from pathlib import Path
 
-EVAL_COLUMNS = (
-    "AverageReturn_all_test_tasks", "AverageReturn_all_train_tasks",
-    "AverageTrainReturn_all_train_tasks", "SuccessRate_test_tasks", "SuccessRate_train_tasks",
-)
-
 
 class ProgressLog:
     """Appends rows to `progress.csv`; on resume, drops rows past the checkpoint's iteration."""
