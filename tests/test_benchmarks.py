@@ -53,3 +53,43 @@ def test_sparse_exploration_splits_success_by_prior_phase_hits(runs):
     wrong = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sparse_exploration.py"),
                             str(runs["point-robot"])], capture_output=True, text=True)
     assert wrong.returncode == 2 and "is not a sparse-point-robot run" in wrong.stderr
+
+
+@pytest.fixture(scope="module")
+def ant_dir_run(tmp_path_factory):
+    pytest.importorskip("mujoco")
+    from conftest import TINY
+
+    from metapearl.config import make_config
+
+    out = tmp_path_factory.mktemp("bench") / "ant-dir"
+    cfg = make_config("ant-dir", "default", {**TINY, "num_train_tasks": 2, "num_test_tasks": 2})
+    train(cfg, out, progress=False)
+    return out
+
+
+def test_ant_dir_gaits_reports_every_trajectory_of_both_tasks(ant_dir_run, runs):
+    out = _script("ant_dir_gaits.py", ant_dir_run, "--runs", "2")
+    assert re.findall(r"^task (\d) \(angle (\S+)\), run (\d)$", out, re.M) == [
+        ("0", "0.00", "0"), ("0", "0.00", "1"), ("1", "3.14", "0"), ("1", "3.14", "1")]
+    rows = re.findall(r"^  trajectory (\d): z \[[^]]*\]\s+dx\s+([-+]\d+\.\d\d) dy\s+([-+]\d+\.\d\d)"
+                      r"\s+return\s+(-?\d+\.\d)\s+steps (\d+)$", out, re.M)
+    # TINY: 40 evaluation steps in 10-step trajectories -> 4 per meta-test, 4 meta-tests
+    assert [r[0] for r in rows] == ["1", "2", "3", "4"] * 4
+    assert all(1 <= int(r[4]) <= 10 for r in rows)
+    wrong = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ant_dir_gaits.py"),
+                            str(runs["point-robot"])], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "is not an ant-dir run" in wrong.stderr
+
+
+def test_ant_forward_only_trains_the_forward_task_alone(tmp_path):
+    pytest.importorskip("mujoco")
+    import json
+
+    from conftest import TINY
+
+    sets = [a for k, v in {**TINY, "num_iterations": 1}.items() for a in ("--set", f"{k}={v}")]
+    out = _script("ant_forward_only.py", "--out", tmp_path / "run", *sets)
+    assert out.startswith("# ant-fwd preset=default seed=0")
+    assert "# untrained agent: AverageReturn_all_test_tasks" in out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["family"] == "ant-fwd"
