@@ -1,9 +1,9 @@
 """Where does a trained ant-dir agent walk in each task? Measured through the deployment API.
 
-For each of ant-dir's two tasks and `--runs` repetitions, run the meta-test's trajectories
-(deterministic policy; z from the prior for the first `num_exp_traj_eval`, then from the posterior
-of all trajectories so far) and print, per trajectory, the mean of the drawn z, the torso's
-displacement (dx, dy) in metres, the return and the length.
+For each of ant-dir's two tasks and `--runs` repetitions, run the meta-test on that task
+(`adapt_to_task`: deterministic policy; z from the prior for the first `num_exp_traj_eval`
+trajectories, then from the posterior of all trajectories so far) and print, per trajectory, the
+drawn z, the torso's displacement (dx, dy) in metres, the return and the length.
 
     python benchmarks/ant_dir_gaits.py runs/ant-dir [--runs 3]
 """
@@ -12,12 +12,26 @@ from __future__ import annotations
 
 import argparse
 
+import gymnasium as gym
 import numpy as np
 import torch
 
 from metapearl.agent import PEARLAgent
 from metapearl.checkpoint import load_run_config
+from metapearl.evaluation import adapt_to_task
 from metapearl.tasks import get_family
+
+
+class Odometer(gym.Wrapper):
+    """Remembers where the torso was at the last reset."""
+
+    def torso_xy(self) -> np.ndarray:
+        return self.env.unwrapped.data.body("torso").xpos[:2].copy()
+
+    def reset(self, **kwargs):
+        out = self.env.reset(**kwargs)
+        self.start = self.torso_xy()
+        return out
 
 
 def main() -> None:
@@ -35,34 +49,24 @@ def main() -> None:
     agent = PEARLAgent.load(args.run_dir)
     agent.generator = torch.Generator().manual_seed(args.seed)
     family = get_family("ant-dir")
-    env = family.make_env()
-    trajectories = cfg.num_steps_per_eval // cfg.max_path_length
-    for k, task in enumerate(family.tasks):
-        family.set_task(env, task)
-        for run in range(args.runs):
-            agent.reset()
-            env.reset(seed=args.seed * 1000 + 100 * k + run)
-            print(f"task {k} (angle {task['angle']:.2f}), run {run}")
-            for traj in range(trajectories):
-                if traj >= cfg.num_exp_traj_eval:
-                    agent.infer_posterior()
-                agent.sample_z()
-                obs, _ = env.reset()
-                start = env.unwrapped.data.body("torso").xpos[:2].copy()
-                ret, steps = 0.0, 0
-                for _ in range(cfg.max_path_length):
-                    steps += 1
-                    action = agent.act(obs)
-                    next_obs, reward, terminated, _, _ = env.step(action)
-                    agent.observe(obs, action, reward, next_obs)
-                    ret, obs = ret + reward, next_obs
-                    if terminated:
-                        break
-                dx, dy = env.unwrapped.data.body("torso").xpos[:2] - start
-                z = np.array2string(agent.z.numpy()[0], precision=2, suppress_small=True)
-                print(f"  trajectory {traj + 1}: z {z}  dx {dx:+6.2f} dy {dy:+6.2f}  "
-                      f"return {ret:7.1f}  steps {steps}")
+    task_env = family.make_env()
+    env = Odometer(task_env)
+    rows: dict[int, str] = {}  # trajectory -> its line, as of its latest step
 
+    def on_step(traj: int, t: int, ret: float) -> None:
+        dx, dy = env.torso_xy() - env.start
+        z = np.array2string(agent.z.numpy()[0], precision=2, suppress_small=True)
+        rows[traj] = (f"  trajectory {traj + 1}: z {z}  dx {dx:+6.2f} dy {dy:+6.2f}  "
+                      f"return {ret:7.1f}  steps {t + 1}")
+
+    for k, task in enumerate(family.tasks):
+        family.set_task(task_env, task)
+        for run in range(args.runs):
+            rows.clear()
+            adapt_to_task(agent, env, cfg, seed=args.seed * 1000 + 100 * k + run,
+                          on_step=on_step)
+            print(f"task {k} (angle {task['angle']:.2f}), run {run}")
+            print("\n".join(rows[traj] for traj in sorted(rows)))
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,6 @@
 """The diagnostic scripts in benchmarks/ run on a trained run and print what they promise."""
 
+import json
 import re
 import subprocess
 import sys
@@ -84,8 +85,6 @@ def test_ant_dir_gaits_reports_every_trajectory_of_both_tasks(ant_dir_run, runs)
 
 def test_ant_forward_only_trains_the_forward_task_alone(tmp_path):
     pytest.importorskip("mujoco")
-    import json
-
     from conftest import TINY
 
     sets = [a for k, v in {**TINY, "num_iterations": 1}.items() for a in ("--set", f"{k}={v}")]
