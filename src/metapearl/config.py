@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from metapearl.cpu import CPU_GEMMS
+
 
 class ConfigError(ValueError):
     """A configuration value a user supplied is unknown, malformed or out of range."""
@@ -83,7 +85,12 @@ class PEARLConfig:
     eval_interval: int = _f(1, "evaluate every this many iterations (and at the last)")
     # engineering
     max_parallel_envs: int = _f(64, "environments stepped side by side during collection")
-    torch_threads: int = _f(0, "torch intra-op threads (0: torch's default)")
+    torch_threads: int = _f(0, "CPU threads of the gradient step (0: one per core)")
+    cpu_gemm: str = _f(
+        "auto", "CPU library of the networks' large matmuls: numpy (its BLAS on torch_threads "
+        "threads, torch's other ops on one), torch (all on torch_threads threads), or auto (numpy "
+        "for updates of at least 16 x 256 rows x 300^2, torch below; see metapearl/cpu.py)"
+    )
     tensorboard: bool = _f(
         False, "also write progress.csv's scalars as TensorBoard events (needs [tensorboard])"
     )
@@ -126,6 +133,8 @@ class PEARLConfig:
             raise ConfigError(f"soft_target_tau must be in (0, 1], got {self.soft_target_tau}")
         if self.encoder not in ENCODERS:
             raise ConfigError(f"encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
+        if self.cpu_gemm not in CPU_GEMMS:
+            raise ConfigError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got {self.cpu_gemm!r}")
         if self.context_sampler not in CONTEXT_SAMPLERS:
             raise ConfigError(
                 f"context_sampler must be one of {', '.join(CONTEXT_SAMPLERS)}, "
@@ -164,7 +173,7 @@ CONTEXT_SAMPLERS = ("recent", "off-policy", "off-policy-rl-batch")
 SEED_LIMIT = 2**32  # seeds are in [0, 2**32): numpy, torch and Gymnasium all take them
 # Fields `train --resume --set` may change: how long a run goes on and how many CPU threads it
 # uses, not what an iteration computes (so a finished run can be extended).
-RESUME_FIELDS = ("num_iterations", "torch_threads")
+RESUME_FIELDS = ("num_iterations", "torch_threads", "cpu_gemm")
 ENCODERS = ("pog", "rnn-tran", "rnn-traj")
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(PEARLConfig))
 

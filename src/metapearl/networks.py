@@ -9,8 +9,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metapearl import cpu
+
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # SPEC section 2
 LAST_LAYER_INIT = 3e-3  # the reference's output-layer init: small first outputs
+
+
+class _NumpyLinear(torch.autograd.Function):
+    """x (..., in) @ w (in, out) + b with the matmuls of forward and backward in numpy (see cpu.py).
+
+    Tensors and arrays share memory both ways, so nothing is copied around the BLAS calls.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        shape = x.shape
+        x2 = x.detach().reshape(-1, shape[-1])
+        ctx.save_for_backward(x2, w)
+        ctx.x_shape, ctx.b_shape = shape, b.shape
+        out = (x2.numpy() @ w.detach().numpy()).reshape(*shape[:-1], w.shape[1])
+        return torch.from_numpy(out).add_(b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, w = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).contiguous()
+        gn = g.numpy()
+        need_x, need_w, need_b = ctx.needs_input_grad
+        gx = torch.from_numpy((gn @ w.detach().numpy().T).reshape(ctx.x_shape)) if need_x else None
+        gw = torch.from_numpy(x2.numpy().T @ gn) if need_w else None
+        gb = g.sum(0).reshape(ctx.b_shape) if need_b else None
+        return gx, gw, gb
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x (..., in) @ w (in, out) + b; large CPU matmuls through numpy's BLAS when cpu.py says so."""
+    if (cpu.numpy_gemm_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.numel() * w.shape[1] >= cpu.NUMPY_GEMM_MIN_MACS):
+        return _NumpyLinear.apply(x, w, b)
+    return torch.addmm(b, x, w) if x.dim() == 2 else torch.matmul(x, w) + b
 
 
 class MLP(nn.Module):
@@ -25,10 +62,15 @@ class MLP(nn.Module):
         last = nn.Linear(dims[-1], out_dim)
         nn.init.uniform_(last.weight, -LAST_LAYER_INIT, LAST_LAYER_INIT)
         nn.init.uniform_(last.bias, -LAST_LAYER_INIT, LAST_LAYER_INIT)
-        self.net = nn.Sequential(*mods, last)
+        self.net = nn.Sequential(*mods, last)  # the layout (and checkpoint names) of the reference
+        self.linears = [m for m in self.net if isinstance(m, nn.Linear)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        for i, layer in enumerate(self.linears):
+            x = linear(x, layer.weight.T, layer.bias)
+            if i < len(self.linears) - 1:
+                x = F.relu(x, inplace=True)
+        return x
 
 
 class EnsembleMLP(nn.Module):
@@ -66,11 +108,11 @@ class EnsembleMLP(nn.Module):
         last = len(weights) - 1
         for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
             if w.dim() == 2:
-                h = torch.addmm(b, h, w)
+                h = linear(h, w, b)
             else:
                 h = torch.baddbmm(b, h, w) if h.dim() == 3 else torch.matmul(h, w) + b
             if i < last:
-                h = F.relu(h)
+                h = F.relu(h, inplace=True)
         return h
 
 

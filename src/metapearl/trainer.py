@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from metapearl import cpu
 from metapearl.agent import PEARLAgent
 from metapearl.buffers import TaskReplayBuffer, sample_context
 from metapearl.checkpoint import (
@@ -100,8 +101,7 @@ class Trainer:
             raise ConfigError(f"device {cfg.device!r} was asked for but torch sees no CUDA GPU "
                               f"(torch {torch.__version__}); use --set device=cpu")
         self.device = torch.device(cfg.device)
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
+        cpu.configure_for(cfg)
         # the run's two generators: every random draw of the run comes from them
         self.rng = np.random.default_rng(cfg.seed)
         self.gen = torch.Generator(self.device).manual_seed(cfg.seed)

@@ -1,0 +1,112 @@
+"""The CPU matmul library switch (metapearl/cpu.py): same numbers, and the settings it applies."""
+
+import pytest
+import torch
+
+from metapearl import cpu, networks, train
+from metapearl.config import ConfigError, make_config
+from metapearl.logging import read_progress
+from metapearl.networks import MLP, EnsembleMLP, TanhGaussianPolicy
+
+
+@pytest.fixture
+def restore_cpu_settings():
+    threads = torch.get_num_threads()
+    yield
+    cpu.configure("torch", threads)
+
+
+@pytest.fixture
+def every_matmul_through_numpy(monkeypatch, restore_cpu_settings):
+    """Route every CPU matmul of the networks through numpy, not only the large ones."""
+    monkeypatch.setattr(cpu, "NUMPY_GEMM_MIN_MACS", 0)
+
+
+def _graph_names(t: torch.Tensor) -> set[str]:
+    names, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node.name() not in names:
+            names.add(node.name())
+            todo += [n for n, _ in node.next_functions]
+    return names
+
+
+@pytest.mark.parametrize("make_net, x_shape", [
+    (lambda: MLP(6, 32, 3), (50, 6)),
+    (lambda: MLP(6, 32, 3), (4, 7, 6)),  # the encoder's (tasks, transitions, dim) input
+    (lambda: EnsembleMLP(2, 6, 32, 1), (50, 6)),
+])
+def test_numpy_matmuls_give_torch_values_and_gradients(make_net, x_shape,
+                                                       every_matmul_through_numpy):
+    torch.manual_seed(0)
+    net, x = make_net(), torch.randn(x_shape)
+    results = {}
+    for gemm in ("numpy", "torch"):
+        cpu.configure(gemm, 2)
+        xg = x.clone().requires_grad_(True)
+        net.zero_grad(set_to_none=True)
+        out = net(xg)
+        assert ("_NumpyLinearBackward" in _graph_names(out)) == (gemm == "numpy")
+        out.pow(2).sum().backward()
+        results[gemm] = (out.detach(), xg.grad, [p.grad for p in net.parameters()])
+    (out_n, gx_n, grads_n), (out_t, gx_t, grads_t) = results["numpy"], results["torch"]
+    torch.testing.assert_close(out_n, out_t)
+    torch.testing.assert_close(gx_n, gx_t)
+    assert all(g.abs().sum() > 0 for g in grads_t)
+    for g_n, g_t in zip(grads_n, grads_t, strict=True):
+        torch.testing.assert_close(g_n, g_t)
+
+
+def test_numpy_matmuls_with_detached_parameters_pass_gradients_to_the_input_only(
+        every_matmul_through_numpy):
+    cpu.configure("numpy", 2)
+    ens, x = EnsembleMLP(2, 5, 8, 1), torch.randn(10, 5, requires_grad=True)
+    out = ens(x, detach_params=True)
+    assert "_NumpyLinearBackward" in _graph_names(out)
+    out.sum().backward()
+    assert all(p.grad is None for p in ens.parameters())
+    assert x.grad.abs().sum() > 0
+
+
+def test_small_matmuls_stay_in_torch(restore_cpu_settings):
+    cpu.configure("numpy", 2)
+    policy = TanhGaussianPolicy(6, 2, 32)
+    assert "_NumpyLinearBackward" not in _graph_names(policy(torch.randn(8, 6))[1])
+
+
+def test_auto_takes_numpy_for_the_paper_size_update_on_cpu_only(restore_cpu_settings):
+    cpu.configure_for(make_config("cheetah-vel", "paper", {"torch_threads": 2}))
+    assert cpu.numpy_gemm_enabled() and torch.get_num_threads() == 1
+    assert cpu.describe() == "numpy matmuls, 2 threads"
+    cpu.configure_for(make_config("point-robot", "default", {"torch_threads": 2}))
+    assert not cpu.numpy_gemm_enabled() and torch.get_num_threads() == 2
+    cpu.configure_for(make_config("cheetah-vel", "paper", {"device": "cuda"}))
+    assert not cpu.numpy_gemm_enabled()
+    cpu.configure_for(make_config("point-robot", "default", {"cpu_gemm": "numpy"}))
+    assert cpu.numpy_gemm_enabled()
+
+
+def test_unknown_cpu_gemm_is_rejected():
+    with pytest.raises(ConfigError, match="cpu_gemm must be one of auto, numpy, torch, got 'mkl'"):
+        make_config("point-robot", "default", {"cpu_gemm": "mkl"})
+
+
+def test_training_through_numpy_matmuls_is_seeded_and_matches_torch(
+        tiny_config, tmp_path, every_matmul_through_numpy, monkeypatch):
+    calls = []
+    apply = networks._NumpyLinear.apply
+    monkeypatch.setattr(networks._NumpyLinear, "apply", lambda *a: calls.append(1) or apply(*a))
+
+    def losses(name, gemm):
+        calls.clear()
+        train(tiny_config(seed=3, cpu_gemm=gemm), tmp_path / name, progress=False)
+        assert bool(calls) == (gemm == "numpy")
+        return [[float(r[k]) for k in ("Loss/qf", "Loss/vf", "Loss/policy", "Loss/kl")]
+                for r in read_progress(tmp_path / name / "progress.csv")]
+
+    numpy_a, numpy_b, torch_run = losses("a", "numpy"), losses("b", "numpy"), losses("c", "torch")
+    assert numpy_a == numpy_b
+    # the two libraries may round differently; the first iteration's losses agree to float32
+    torch.testing.assert_close(torch.tensor(numpy_a[0]), torch.tensor(torch_run[0]),
+                               rtol=1e-4, atol=1e-5)
