@@ -236,7 +236,7 @@ def measure_collection(cfg: PEARLConfig, reps: int) -> tuple[float, float]:
 
 RSS_CHILD = """
 import resource, sys, tempfile, json
-from metapearl import Trainer, cpu, make_config
+from metapearl import Trainer, make_config
 cfg = make_config(sys.argv[1], sys.argv[2], {**json.loads(sys.argv[3]), "num_train_steps_per_itr": 1})
 with tempfile.TemporaryDirectory() as tmp:
     trainer = Trainer(cfg, tmp, progress=False)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from threadpoolctl import threadpool_info
 
 from metapearl import cpu, networks, train
 from metapearl.config import ConfigError, make_config
@@ -11,9 +12,8 @@ from metapearl.networks import MLP, EnsembleMLP, TanhGaussianPolicy
 
 @pytest.fixture
 def restore_cpu_settings():
-    threads = torch.get_num_threads()
     yield
-    cpu.configure("torch", threads)
+    cpu.configure("torch")
 
 
 @pytest.fixture
@@ -85,6 +85,16 @@ def test_auto_takes_numpy_for_the_paper_size_update_on_cpu_only(restore_cpu_sett
     assert not cpu.numpy_gemm_enabled()
     cpu.configure_for(make_config("point-robot", "default", {"cpu_gemm": "numpy"}))
     assert cpu.numpy_gemm_enabled()
+
+
+def test_thread_settings_follow_the_library(restore_cpu_settings):
+    def blas_threads():
+        return {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
+
+    cpu.configure("numpy", 1)
+    assert blas_threads() == {1} and torch.get_num_threads() == 1
+    cpu.configure("torch", 2)
+    assert blas_threads() == {2} and torch.get_num_threads() == 2
 
 
 def test_unknown_cpu_gemm_is_rejected():

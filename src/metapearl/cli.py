@@ -73,7 +73,7 @@ def _cmd_train(args) -> int:
         if changed:
             raise ConfigError(f"--resume continues a run with its own config.json; "
                               f"{', '.join(changed)} cannot change it (--set may change "
-                              f"{' and '.join(RESUME_FIELDS)})")
+                              f"{', '.join(RESUME_FIELDS)})")
         cfg = resumed
         run_dir = Path(args.out)
     else:

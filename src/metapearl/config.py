@@ -85,11 +85,15 @@ class PEARLConfig:
     eval_interval: int = _f(1, "evaluate every this many iterations (and at the last)")
     # engineering
     max_parallel_envs: int = _f(64, "environments stepped side by side during collection")
-    torch_threads: int = _f(0, "CPU threads of the gradient step (0: one per core)")
+    torch_threads: int = _f(
+        0, "CPU threads of torch, or of numpy's BLAS when it does the matmuls (0: the library's "
+        "default)"
+    )
     cpu_gemm: str = _f(
-        "auto", "CPU library of the networks' large matmuls: numpy (its BLAS on torch_threads "
-        "threads, torch's other ops on one), torch (all on torch_threads threads), or auto (numpy "
-        "for updates of at least 16 x 256 rows x 300^2, torch below; see metapearl/cpu.py)"
+        "auto", "on CPU, the library of the networks' large matmuls: numpy (its BLAS on "
+        "torch_threads threads, torch's other ops on one), torch (all on torch_threads threads), "
+        "or auto (numpy for updates of at least 16 x 256 rows x 300^2, torch below; see "
+        "metapearl/cpu.py); a CUDA run always uses torch"
     )
     tensorboard: bool = _f(
         False, "also write progress.csv's scalars as TensorBoard events (needs [tensorboard])"
@@ -171,8 +175,9 @@ class PEARLConfig:
 
 CONTEXT_SAMPLERS = ("recent", "off-policy", "off-policy-rl-batch")
 SEED_LIMIT = 2**32  # seeds are in [0, 2**32): numpy, torch and Gymnasium all take them
-# Fields `train --resume --set` may change: how long a run goes on and how many CPU threads it
-# uses, not what an iteration computes (so a finished run can be extended).
+# Fields `train --resume --set` may change: how long a run goes on and how its CPU computes (threads,
+# matmul library: float32 rounding only), not what an iteration computes (so a finished run can be
+# extended).
 RESUME_FIELDS = ("num_iterations", "torch_threads", "cpu_gemm")
 ENCODERS = ("pog", "rnn-tran", "rnn-traj")
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(PEARLConfig))

@@ -2,7 +2,7 @@
 
 On CPU the gradient step is matmul-bound. torch's CPU wheels multiply through MKL, which on the AMD
 EPYC machines of this project ran the paper-size step's skinny matmuls (4096x300 @ 300x300 and
-their gradients) 1.3-1.5x slower than the OpenBLAS that numpy's wheels bundle; the gap shrinks
+their gradients) 1.26-1.47x slower than the OpenBLAS that numpy's wheels bundle; the gap shrinks
 with fewer rows (1.1-1.2x at 1024-2048). With `cpu_gemm = "numpy"` the networks' matmuls of at
 least `NUMPY_GEMM_MIN_MACS` multiply-accumulates go through numpy (`networks.linear`) on
 `torch_threads` BLAS threads, and torch's own ops run on one thread (both pools spinning on the
@@ -41,30 +41,27 @@ def numpy_gemm_enabled() -> bool:
 def configure_for(cfg) -> None:
     """Apply a run config's CPU settings: its `cpu_gemm` ("auto": numpy for a large update on
     CPU, torch otherwise) and its `torch_threads`."""
-    gemm = cfg.cpu_gemm
+    gemm = cfg.cpu_gemm if cfg.device == "cpu" else "torch"
     if gemm == "auto":
         macs = cfg.meta_batch * cfg.batch_size * cfg.net_size ** 2
-        gemm = "numpy" if cfg.device == "cpu" and macs >= AUTO_NUMPY_MIN_MACS else "torch"
+        gemm = "numpy" if macs >= AUTO_NUMPY_MIN_MACS else "torch"
     configure(gemm, cfg.torch_threads)
 
 
 def configure(cpu_gemm: str, threads: int = 0) -> None:
     """Route CPU matmuls through `cpu_gemm` ("numpy" or "torch") and give the compute `threads`.
 
-    "numpy": numpy's BLAS gets the threads and torch gets one; "torch": torch gets them. threads=0
-    means the library's own default (one per core).
+    "numpy": numpy's BLAS gets the threads and torch gets one; "torch": both get them (numpy's
+    BLAS then serves only the rollouts' small matmuls). threads=0 means each library's default.
     """
     global _numpy_gemm, _threads
     if cpu_gemm not in ("numpy", "torch"):
         raise ValueError(f"cpu_gemm must be numpy or torch here, got {cpu_gemm!r}")
     _numpy_gemm = cpu_gemm == "numpy"
-    if _numpy_gemm:
-        _threads = threads or _DEFAULT_BLAS_THREADS
-        threadpool_limits(_threads, user_api="blas")
-        torch.set_num_threads(1)
-    else:
-        _threads = threads or _DEFAULT_TORCH_THREADS
-        torch.set_num_threads(_threads)
+    blas_threads, torch_threads = threads or _DEFAULT_BLAS_THREADS, threads or _DEFAULT_TORCH_THREADS
+    threadpool_limits(blas_threads, user_api="blas")
+    torch.set_num_threads(1 if _numpy_gemm else torch_threads)
+    _threads = blas_threads if _numpy_gemm else torch_threads
 
 
 def describe() -> str:

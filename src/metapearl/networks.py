@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from metapearl import cpu
 
@@ -31,6 +32,7 @@ class _NumpyLinear(torch.autograd.Function):
         return torch.from_numpy(out).add_(b)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         x2, w = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).contiguous()
@@ -44,7 +46,8 @@ class _NumpyLinear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """x (..., in) @ w (in, out) + b; large CPU matmuls through numpy's BLAS when cpu.py says so."""
-    if (cpu.numpy_gemm_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+    if (cpu.numpy_gemm_enabled() and x.device.type == w.device.type == "cpu"
+            and x.dtype == w.dtype == torch.float32
             and x.numel() * w.shape[1] >= cpu.NUMPY_GEMM_MIN_MACS):
         return _NumpyLinear.apply(x, w, b)
     return torch.addmm(b, x, w) if x.dim() == 2 else torch.matmul(x, w) + b
