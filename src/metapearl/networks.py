@@ -168,9 +168,8 @@ class NumpyTanhGaussianPolicy:
     """
 
     def __init__(self, policy: TanhGaussianPolicy):
-        linears = [m for m in policy.net.net if isinstance(m, nn.Linear)]
         self.layers = [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy())
-                       for m in linears]
+                       for m in policy.net.linears]
         self.action_dim = policy.action_dim
 
     def __call__(
