@@ -10,7 +10,7 @@ Figures (the --json keys):
   on CPU the faster of torch's and numpy's BLAS in each round (the step may use either, cpu.py);
 - update_ms, update_gflops, fraction_of_peak: our gradient step (sampling included), with the
   FLOPs counted analytically (`update_flops`), under the config's CPU settings (`cpu_gemm`,
-  `torch_threads`);
+  `torch_threads`), on CUDA replayed from CUDA graphs with `--set cuda_graphs=true`;
 - reference_update_ms, speedup_vs_reference: the same losses and sizes written as the reference
   code does (`ReferenceStep`: separate Q1/Q2/V/policy/encoder modules, five Adam optimizers, three
   backward passes, per-task numpy batches built on every step), in plain torch on `torch_threads`
@@ -40,6 +40,7 @@ from metapearl import Trainer, cpu, make_config
 from metapearl.agent import PEARLAgent
 from metapearl.buffers import TaskReplayBuffer, sample_context
 from metapearl.config import PEARLConfig, parse_overrides
+from metapearl.graphs import WARMUP_STEPS, GraphedSteps
 from metapearl.sac import Critics, PEARLUpdate
 from metapearl.tasks import get_family
 
@@ -282,12 +283,21 @@ def main() -> None:
                          cfg)
     reference = ReferenceStep(cfg, obs_dim, act_dim, ref_buf, np.random.default_rng(1), device)
 
-    def ours_step():
+    def sample():
         tasks = torch.randint(cfg.num_train_tasks, (cfg.meta_batch,), generator=gen, device=device)
         rl = ours_buf["rl"].sample(tasks, cfg.batch_size, gen)
-        ctx = sample_context(cfg.context_sampler, ours_buf["rl"], ours_buf["enc"], tasks,
-                             cfg.embedding_batch_size, gen, rl)
-        update.step(rl, ctx, gen)
+        return rl, sample_context(cfg.context_sampler, ours_buf["rl"], ours_buf["enc"], tasks,
+                                  cfg.embedding_batch_size, gen, rl)
+
+    if cfg.cuda_graphs:  # as the Trainer takes its steps with `--set cuda_graphs=true`
+        graphed = GraphedSteps(update, sample, [ours_buf["rl"], ours_buf["enc"]], gen)
+        graphed.run(WARMUP_STEPS)  # the eager warm-up; the capture comes with the next step
+
+        def ours_step():
+            graphed.run(1)
+    else:
+        def ours_step():
+            update.step(*sample(), gen)
 
     n_mat = 8192 if device.type == "cuda" else 2048
     flops = update_flops(cfg, obs_dim, act_dim)
@@ -325,7 +335,8 @@ def main() -> None:
         "raw_env_steps_per_s": round(raw, 1),
         "collect_fraction_of_raw": round(collect / raw, 3),
         "peak_rss_mb": None if rss is None else round(rss, 1),
-        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+        "device": (torch.cuda.get_device_name(device) + (", CUDA graphs" if cfg.cuda_graphs else "")
+                   if device.type == "cuda"
                    else f"cpu ({cpu.describe()})"),
     }
     if args.json:

@@ -106,7 +106,8 @@ class TaskReplayBuffer:
         trajectory (whole trajectories in the order they were collected, the last one cut at n).
         """
         sizes = self._sizes_t[tasks]
-        if bool((sizes == 0).any()):
+        # (a CUDA graph's capture may not read values back; graphs.py checks the host sizes)
+        if not _capturing(self.device) and bool((sizes == 0).any()):
             empty = tasks[sizes == 0].tolist()
             raise RuntimeError(f"cannot sample from empty buffers of tasks {empty}")
         if sequence:
@@ -132,6 +133,11 @@ class TaskReplayBuffer:
         sizes = self.sizes[tasks]
         idx = (oldest[:, None] + (first[:, None] + np.arange(n)) % sizes[:, None]) % sizes[:, None]
         return torch.as_tensor(idx, device=self.device)
+
+    def storage(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tensors `sample` reads (the rows and the per-task sizes); a new tensor replaces
+        one only when the buffer grows or is loaded."""
+        return self.data, self._sizes_t
 
     def all_of(self, task: int) -> Batch:
         """Every stored transition of one task, as a Batch of (1, size, dim)."""
@@ -166,6 +172,10 @@ class TaskReplayBuffer:
         self.starts = np.zeros((tasks, self.capacity), dtype=bool)
         if "starts" in state:  # checkpoints of format 2 did not mark trajectory starts
             self.starts[:, :data.shape[1]] = state["starts"].numpy()
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def sample_context(

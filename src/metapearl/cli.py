@@ -64,7 +64,7 @@ def _cmd_train(args) -> int:
             raise ConfigError(f"{args.out} is a {cfg.family} run, not {args.family}")
         resumed = PEARLConfig.from_dict({**cfg.to_dict(), **overrides})
         # The run's own values may be repeated (the first command line plus --resume); only
-        # the RESUME_FIELDS (run length, CPU threads and matmul library) may change.
+        # the RESUME_FIELDS (run length, CPU threads, matmul library, CUDA graphs) may change.
         changed = [flag for flag, given, stored in [("--seed", args.seed, cfg.seed),
                                                     ("--preset", args.preset, cfg.preset)]
                    if given is not None and given != stored]

@@ -95,6 +95,10 @@ class PEARLConfig:
         "or auto (numpy for updates of at least 16 x 256 rows x 300^2, torch below; see "
         "metapearl/cpu.py); a CUDA run always uses torch"
     )
+    cuda_graphs: bool = _f(
+        False, "on CUDA, replay each gradient step from CUDA graphs (metapearl/graphs.py; the "
+        "pog encoder only)"
+    )
     tensorboard: bool = _f(
         False, "also write progress.csv's scalars as TensorBoard events (needs [tensorboard])"
     )
@@ -156,6 +160,10 @@ class PEARLConfig:
             raise ConfigError("num_eval_train_tasks must be -1 or >= 1")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be cpu or cuda[:N], got {self.device!r}")
+        if self.cuda_graphs and not self.device.startswith("cuda"):
+            raise ConfigError(f"cuda_graphs needs a CUDA device, got device {self.device!r}")
+        if self.cuda_graphs and self.encoder != "pog":
+            raise ConfigError(f"cuda_graphs supports the pog encoder only, got {self.encoder!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,10 +183,10 @@ class PEARLConfig:
 
 CONTEXT_SAMPLERS = ("recent", "off-policy", "off-policy-rl-batch")
 SEED_LIMIT = 2**32  # seeds are in [0, 2**32): numpy, torch and Gymnasium all take them
-# Fields `train --resume --set` may change: how long a run goes on and how its CPU computes (threads,
-# matmul library: float32 rounding only), not what an iteration computes (so a finished run can be
-# extended).
-RESUME_FIELDS = ("num_iterations", "torch_threads", "cpu_gemm")
+# Fields `train --resume --set` may change: how long a run goes on and how it computes (CPU threads,
+# CPU matmul library: float32 rounding only; CUDA graphs), not what an iteration computes (so a
+# finished run can be extended).
+RESUME_FIELDS = ("num_iterations", "torch_threads", "cpu_gemm", "cuda_graphs")
 ENCODERS = ("pog", "rnn-tran", "rnn-traj")
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(PEARLConfig))
 

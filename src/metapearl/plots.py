@@ -75,7 +75,7 @@ def group_runs(specs: list[str], by: str | None = None) -> Groups:
                 raise PlotError(f"config key {by!r} not in {run}/config.json")
             labelled.setdefault(f"{by}={configs[run][by]}", []).append(run)
         return labelled
-    ignore = {"seed", "torch_threads", "cpu_gemm", "device"}
+    ignore = {"seed", "torch_threads", "cpu_gemm", "cuda_graphs", "device"}
     keys = {run: tuple(sorted((k, json.dumps(v)) for k, v in configs[run].items()
                               if k not in ignore)) for run in plain}
     distinct = sorted(set(keys.values()))

@@ -60,10 +60,12 @@ class PEARLUpdate:
         self._groups = [list(m.parameters()) for m in
                         (agent.encoder, agent.policy, critics.qf, critics.vf)]
         params = [p for g in self._groups for p in g]
+        # on CUDA the step count lives on the device, so the step can be captured (graphs.py)
+        extra = {"capturable": True} if params[0].is_cuda else {}
         try:
-            self.optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=True)
+            self.optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=True, **extra)
         except RuntimeError:  # torch < 2.4 has no fused Adam on CPU: the same update, unfused
-            self.optimizer = torch.optim.Adam(params, lr=cfg.lr, foreach=True)
+            self.optimizer = torch.optim.Adam(params, lr=cfg.lr, foreach=True, **extra)
         self._vf_params = list(critics.vf.parameters())
         self._target_params = list(critics.target_vf.parameters())
 
@@ -131,12 +133,20 @@ class PEARLUpdate:
         Raises NonFiniteError naming the losses or gradients that are NaN or infinite, before any
         parameter changes.
         """
+        stats = self.backward(rl, context, generator)
+        check_finite(stats, STAT_NAMES, "the gradient step")
+        self.apply()
+        return stats
+
+    def backward(self, rl: Batch, context: Batch, generator: torch.Generator | None) -> torch.Tensor:
+        """The losses and every network's gradients, no parameter changed; returns the stats."""
         total, loss_stats = self.losses(rl, context, generator)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        stats = torch.cat([loss_stats, self.grad_norms()])
-        check_finite(stats, STAT_NAMES, "the gradient step")
+        return torch.cat([loss_stats, self.grad_norms()])
+
+    def apply(self) -> None:
+        """Adam on every network from the current gradients, then the target-V Polyak update."""
         self.optimizer.step()
         with torch.no_grad():
             torch._foreach_lerp_(self._target_params, self._vf_params, self.cfg.soft_target_tau)
-        return stats

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from metapearl import cpu
 from metapearl.agent import PEARLAgent
-from metapearl.buffers import TaskReplayBuffer, sample_context
+from metapearl.buffers import Batch, TaskReplayBuffer, sample_context
 from metapearl.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -29,6 +29,7 @@ from metapearl.checkpoint import (
 )
 from metapearl.config import ConfigError, PEARLConfig
 from metapearl.evaluation import EvalResult, meta_test, offline_test
+from metapearl.graphs import GraphedSteps
 from metapearl.guards import NonFiniteError
 from metapearl.logging import (
     ProgressLog,
@@ -130,6 +131,11 @@ class Trainer:
                                           cfg.replay_buffer_size, self.device)
         self.enc_buffer = TaskReplayBuffer(cfg.num_train_tasks, obs_dim, act_dim,
                                            cfg.replay_buffer_size, self.device)
+        self.graphed = None
+        if cfg.cuda_graphs:
+            sampled = [self.rl_buffer] + ([self.enc_buffer] if cfg.context_sampler == "recent"
+                                          else [])
+            self.graphed = GraphedSteps(self.update, self.sample_batches, sampled, self.gen)
         self.iteration = 0
         self.env_steps = 0
         self.train_steps = 0
@@ -275,19 +281,27 @@ class Trainer:
         return steps
 
     # --- gradient steps (SPEC section 3) --------------------------------------------------------
-    def train_steps_for_iteration(self) -> torch.Tensor:
+    def sample_batches(self) -> tuple[Batch, Batch]:
+        """The RL batch and the context batch of one gradient step, for `meta_batch` random
+        training tasks."""
         cfg = self.cfg
-        total = torch.zeros(len(STAT_NAMES), device=self.device)
-        for _ in range(cfg.num_train_steps_per_itr):
-            tasks = torch.randint(cfg.num_train_tasks, (cfg.meta_batch,), generator=self.gen,
-                                  device=self.device)
-            rl = self.rl_buffer.sample(tasks, cfg.batch_size, self.gen, self.sequence_batches)
-            context = sample_context(cfg.context_sampler, self.rl_buffer, self.enc_buffer, tasks,
-                                     cfg.embedding_batch_size, self.gen, rl,
-                                     self.sequence_batches)
-            total += self.update.step(rl, context, self.gen)
-        self.train_steps += cfg.num_train_steps_per_itr
-        return total / max(cfg.num_train_steps_per_itr, 1)
+        tasks = torch.randint(cfg.num_train_tasks, (cfg.meta_batch,), generator=self.gen,
+                              device=self.device)
+        rl = self.rl_buffer.sample(tasks, cfg.batch_size, self.gen, self.sequence_batches)
+        context = sample_context(cfg.context_sampler, self.rl_buffer, self.enc_buffer, tasks,
+                                 cfg.embedding_batch_size, self.gen, rl, self.sequence_batches)
+        return rl, context
+
+    def train_steps_for_iteration(self) -> torch.Tensor:
+        n = self.cfg.num_train_steps_per_itr
+        if self.graphed is not None:
+            total = self.graphed.run(n)
+        else:
+            total = torch.zeros(len(STAT_NAMES), device=self.device)
+            for _ in range(n):
+                total += self.update.step(*self.sample_batches(), self.gen)
+        self.train_steps += n
+        return total / max(n, 1)
 
     # --- evaluation (SPEC section 5) ------------------------------------------------------------
     def evaluate(self) -> tuple[dict[str, float], dict[str, EvalResult]]:

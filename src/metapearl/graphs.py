@@ -1,0 +1,92 @@
+"""CUDA graphs for the gradient steps (`cuda_graphs = true`): capture one step, replay it.
+
+On a GPU the paper-size step is a few hundred small kernels, so its cost is the CPU launching
+them, not the GPU running them. A CUDA graph launches the whole recorded step at once. One step is
+captured as two graphs:
+- `backward`: draw the meta-batch tasks, sample the RL and context batches from the buffers,
+  the losses, the gradients and the stats (no parameter changes);
+- `apply`: Adam on every network and the target-V Polyak update.
+Between the two the host reads the stats back and raises NonFiniteError before a NaN reaches the
+parameters, as the eager step does (`PEARLUpdate.step`).
+
+The graphs read the buffers' tensors at fixed addresses and draw from the run's generator (it is
+registered with the graph, so every replay draws new numbers from it). A buffer that grows gets a
+new tensor: the step is captured again before the next replay. Before each capture a few steps run
+eagerly on a side stream, as CUDA graphs need (lazy initialisations must happen outside the
+capture); they are real steps of the run, counted and averaged like the replays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from metapearl.buffers import Batch, TaskReplayBuffer
+from metapearl.guards import check_finite
+from metapearl.sac import STAT_NAMES, PEARLUpdate
+
+WARMUP_STEPS = 3
+
+
+class GraphedSteps:
+    """Gradient steps replayed from CUDA graphs; `run(n)` takes n steps and returns their summed
+    stats, like n calls of `update.step(*sample(), generator)`."""
+
+    def __init__(self, update: PEARLUpdate, sample: Callable[[], tuple[Batch, Batch]],
+                 buffers: Sequence[TaskReplayBuffer], generator: torch.Generator):
+        if generator.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA generator, got one on {generator.device}")
+        self.update, self.sample, self.buffers, self.gen = update, sample, buffers, generator
+        self._key: tuple | None = None  # the buffer tensors' addresses the graphs read
+        self._warm = 0  # eager steps taken since those addresses changed
+        self._backward: torch.cuda.CUDAGraph | None = None
+        self._apply: torch.cuda.CUDAGraph | None = None
+        self._stats: torch.Tensor | None = None
+        self.captures = 0
+
+    def run(self, n: int) -> torch.Tensor:
+        for buf in self.buffers:  # the replays cannot check this themselves
+            empty = (buf.sizes == 0).nonzero()[0]
+            if len(empty):
+                raise RuntimeError(f"cannot sample from empty buffers of tasks {empty.tolist()}")
+        key = tuple(t.data_ptr() for buf in self.buffers for t in buf.storage())
+        if key != self._key:
+            self._key, self._warm = key, 0
+            self._backward = self._apply = self._stats = None  # free the old graphs' memory
+        total = torch.zeros(len(STAT_NAMES), device=self.gen.device)
+        if self._backward is None:
+            eager = min(WARMUP_STEPS - self._warm, n)
+            total += self._eager_steps(eager)
+            self._warm, n = self._warm + eager, n - eager
+            if self._warm < WARMUP_STEPS:
+                return total
+            self._capture()
+        for _ in range(n):
+            self._backward.replay()
+            check_finite(self._stats, STAT_NAMES, "the gradient step")
+            self._apply.replay()
+            total += self._stats
+        return total
+
+    def _eager_steps(self, n: int) -> torch.Tensor:
+        side = torch.cuda.Stream(self.gen.device)
+        side.wait_stream(torch.cuda.current_stream(self.gen.device))
+        total = torch.zeros(len(STAT_NAMES), device=self.gen.device)
+        with torch.cuda.stream(side):
+            for _ in range(n):
+                total += self.update.step(*self.sample(), self.gen)
+        torch.cuda.current_stream(self.gen.device).wait_stream(side)
+        return total
+
+    def _capture(self) -> None:
+        backward, apply = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        backward.register_generator_state(self.gen)
+        # the gradients are then allocated inside the graph's memory, at fixed addresses
+        self.update.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(backward):
+            stats = self.update.backward(*self.sample(), self.gen)
+        with torch.cuda.graph(apply, pool=backward.pool()):
+            self.update.apply()
+        self._backward, self._apply, self._stats = backward, apply, stats
+        self.captures += 1
