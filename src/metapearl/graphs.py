@@ -18,6 +18,7 @@ capture); they are real steps of the run, counted and averaged like the replays.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Sequence
 
 import torch
@@ -46,6 +47,10 @@ class GraphedSteps:
         self.captures = 0
 
     def run(self, n: int) -> torch.Tensor:
+        with torch.cuda.device(self.gen.device):  # capture and replay on the generator's GPU
+            return self._run(n)
+
+    def _run(self, n: int) -> torch.Tensor:
         for buf in self.buffers:  # the replays cannot check this themselves
             empty = (buf.sizes == 0).nonzero()[0]
             if len(empty):
@@ -73,10 +78,12 @@ class GraphedSteps:
         side = torch.cuda.Stream(self.gen.device)
         side.wait_stream(torch.cuda.current_stream(self.gen.device))
         total = torch.zeros(len(STAT_NAMES), device=self.gen.device)
-        with torch.cuda.stream(side):
-            for _ in range(n):
-                total += self.update.step(*self.sample(), self.gen)
-        torch.cuda.current_stream(self.gen.device).wait_stream(side)
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(n):
+                    total += self.update.step(*self.sample(), self.gen)
+        finally:
+            torch.cuda.current_stream(self.gen.device).wait_stream(side)
         return total
 
     def _capture(self) -> None:
@@ -84,9 +91,18 @@ class GraphedSteps:
         backward.register_generator_state(self.gen)
         # the gradients are then allocated inside the graph's memory, at fixed addresses
         self.update.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(backward):
-            stats = self.update.backward(*self.sample(), self.gen)
-        with torch.cuda.graph(apply, pool=backward.pool()):
-            self.update.apply()
+        # no garbage collection during the capture: freeing another (unreachable) graph then
+        # fails in some torch versions ("operation not permitted when stream is capturing")
+        gc.collect()
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(backward):
+                stats = self.update.backward(*self.sample(), self.gen)
+            with torch.cuda.graph(apply, pool=backward.pool()):
+                self.update.apply()
+        finally:
+            if was_enabled:
+                gc.enable()
         self._backward, self._apply, self._stats = backward, apply, stats
         self.captures += 1

@@ -60,8 +60,8 @@ class PEARLUpdate:
         self._groups = [list(m.parameters()) for m in
                         (agent.encoder, agent.policy, critics.qf, critics.vf)]
         params = [p for g in self._groups for p in g]
-        # on CUDA the step count lives on the device, so the step can be captured (graphs.py)
-        extra = {"capturable": True} if params[0].is_cuda else {}
+        # with CUDA graphs the step count lives on the device, so the step can be captured
+        extra = {"capturable": True} if cfg.cuda_graphs else {}
         try:
             self.optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=True, **extra)
         except RuntimeError:  # torch < 2.4 has no fused Adam on CPU: the same update, unfused

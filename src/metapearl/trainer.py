@@ -194,6 +194,8 @@ class Trainer:
             load_state(self.agent, state["agent"], "agent")
             load_state(self.critics, state["critics"], "critics")
             load_state(self.update.optimizer, state["optimizer"], "optimizer")
+            for group in self.update.optimizer.param_groups:  # a resume may switch cuda_graphs
+                group["capturable"] = self.cfg.cuda_graphs
             load_state(self.rl_buffer, state["rl_buffer"], "RL buffer")
             load_state(self.enc_buffer, state["enc_buffer"], "encoder buffer")
             self.train_tasks, self.test_tasks = state["train_tasks"], state["test_tasks"]
