@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -32,22 +33,19 @@ WARMUP_STEPS = 3
 
 class GraphedSteps:
     """Gradient steps replayed from CUDA graphs; `run(n)` takes n steps and returns their summed
-    stats, like n calls of `update.step(*sample(), generator)`."""
+    stats, like n calls of `update.step(*sample(), generator)` (whose generator is on the GPU)."""
 
     def __init__(self, update: PEARLUpdate, sample: Callable[[], tuple[Batch, Batch]],
                  buffers: Sequence[TaskReplayBuffer], generator: torch.Generator):
-        if generator.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA generator, got one on {generator.device}")
         self.update, self.sample, self.buffers, self.gen = update, sample, buffers, generator
         self._key: tuple | None = None  # the buffer tensors' addresses the graphs read
         self._warm = 0  # eager steps taken since those addresses changed
-        self._backward: torch.cuda.CUDAGraph | None = None
-        self._apply: torch.cuda.CUDAGraph | None = None
-        self._stats: torch.Tensor | None = None
+        self._backward = self._apply = None  # the captured graphs
+        self._stats = torch.zeros(len(STAT_NAMES), device=generator.device)  # backward's output
         self.captures = 0
 
     def run(self, n: int) -> torch.Tensor:
-        with torch.cuda.device(self.gen.device):  # capture and replay on the generator's GPU
+        with _on_device(self.gen.device):
             return self._run(n)
 
     def _run(self, n: int) -> torch.Tensor:
@@ -58,11 +56,13 @@ class GraphedSteps:
         key = tuple(t.data_ptr() for buf in self.buffers for t in buf.storage())
         if key != self._key:
             self._key, self._warm = key, 0
-            self._backward = self._apply = self._stats = None  # free the old graphs' memory
+            self._backward = self._apply = None  # free the old graphs' memory
         total = torch.zeros(len(STAT_NAMES), device=self.gen.device)
         if self._backward is None:
             eager = min(WARMUP_STEPS - self._warm, n)
-            total += self._eager_steps(eager)
+            with _side_stream(self.gen.device):
+                for _ in range(eager):
+                    total += self.update.step(*self.sample(), self.gen)
             self._warm, n = self._warm + eager, n - eager
             if self._warm < WARMUP_STEPS:
                 return total
@@ -74,21 +74,10 @@ class GraphedSteps:
             total += self._stats
         return total
 
-    def _eager_steps(self, n: int) -> torch.Tensor:
-        side = torch.cuda.Stream(self.gen.device)
-        side.wait_stream(torch.cuda.current_stream(self.gen.device))
-        total = torch.zeros(len(STAT_NAMES), device=self.gen.device)
-        try:
-            with torch.cuda.stream(side):
-                for _ in range(n):
-                    total += self.update.step(*self.sample(), self.gen)
-        finally:
-            torch.cuda.current_stream(self.gen.device).wait_stream(side)
-        return total
-
     def _capture(self) -> None:
-        backward, apply = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        backward.register_generator_state(self.gen)
+        def backward():
+            self._stats.copy_(self.update.backward(*self.sample(), self.gen))
+
         # the gradients are then allocated inside the graph's memory, at fixed addresses
         self.update.optimizer.zero_grad(set_to_none=True)
         # no garbage collection during the capture: freeing another (unreachable) graph then
@@ -97,12 +86,39 @@ class GraphedSteps:
         was_enabled = gc.isenabled()
         gc.disable()
         try:
-            with torch.cuda.graph(backward):
-                stats = self.update.backward(*self.sample(), self.gen)
-            with torch.cuda.graph(apply, pool=backward.pool()):
-                self.update.apply()
+            self._backward = _capture_graph(backward, generator=self.gen)
+            self._apply = _capture_graph(self.update.apply, pool=self._backward.pool())
         finally:
             if was_enabled:
                 gc.enable()
-        self._backward, self._apply, self._stats = backward, apply, stats
         self.captures += 1
+
+
+# --- the CUDA calls (tests/test_graphs.py stands in for them on CPU) ----------------------------
+def _capture_graph(fn: Callable[[], None], generator: torch.Generator | None = None,
+                   pool=None) -> torch.cuda.CUDAGraph:
+    """Record fn's kernels as a graph; its random draws come from `generator` on each replay."""
+    graph = torch.cuda.CUDAGraph()
+    if generator is not None:
+        graph.register_generator_state(generator)
+    with torch.cuda.graph(graph, pool=pool):
+        fn()
+    return graph
+
+
+@contextmanager
+def _side_stream(device: torch.device):
+    """Run the block on a fresh stream (the warm-up before a capture), joined with the current one
+    on both ends."""
+    side, current = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    side.wait_stream(current)
+    try:
+        with torch.cuda.stream(side):
+            yield
+    finally:
+        current.wait_stream(side)
+
+
+def _on_device(device: torch.device):
+    """Capture and replay on the generator's GPU."""
+    return torch.cuda.device(device)
