@@ -3,7 +3,7 @@ import json
 import pytest
 
 from metapearl.cli import main
-from metapearl.config import PEARLConfig, make_config
+from metapearl.config import ConfigError, PEARLConfig, make_config
 
 # SPEC section 7, written out here independently of the preset table.
 SPEC_DEFAULTS = dict(latent_size=5, net_size=300, encoder_size=200, batch_size=256, lr=3e-4,
@@ -147,3 +147,10 @@ def test_a_run_of_an_unregistered_family_says_to_register_it(tmp_path, capsys):
     assert main(["eval", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "unknown task family 'my-family'" in err and "register_family" in err
+
+
+def test_cuda_graphs_need_a_cuda_device_and_the_pog_encoder(tiny_config):
+    with pytest.raises(ConfigError, match="cuda_graphs needs a CUDA device, got device 'cpu'"):
+        tiny_config(cuda_graphs=True)
+    with pytest.raises(ConfigError, match="cuda_graphs supports the pog encoder only, got 'rnn-tran'"):
+        tiny_config(cuda_graphs=True, device="cuda", encoder="rnn-tran")

@@ -17,8 +17,11 @@ from metapearl.guards import NonFiniteError
 class _Replayer:
     """Stands in for a CUDA graph: capturing runs nothing, each replay runs the function."""
 
+    captured: list = []  # the generator each capture was given
+
     def __init__(self, fn, generator=None, pool=None):
         self.fn = fn
+        self.captured.append(generator)
 
     def replay(self):
         self.fn()
@@ -29,6 +32,7 @@ class _Replayer:
 
 @pytest.fixture
 def cuda_stand_ins(monkeypatch):
+    monkeypatch.setattr(_Replayer, "captured", [])
     monkeypatch.setattr(graphs, "_capture_graph", _Replayer)
     monkeypatch.setattr(graphs, "_side_stream", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(graphs, "_on_device", lambda device: contextlib.nullcontext())
@@ -65,18 +69,22 @@ def test_warm_up_then_capture_then_replays_take_the_eager_steps(tiny_config, tmp
         captures.append(graphed.graphed.captures)
         _assert_same(eager, graphed)
     assert captures == [0, 1, 1]
+    assert _Replayer.captured == [graphed.gen, None]  # the backward graph draws from the run's
 
 
 def test_a_buffer_that_grows_is_captured_again_after_a_new_warm_up(tiny_config, tmp_path,
-                                                                   cuda_stand_ins):
+                                                                   cuda_stand_ins, monkeypatch):
     eager, graphed = _pair(tiny_config, tmp_path, steps=5)
     for trainer in (eager, graphed):
         trainer.train_steps_for_iteration()
         trainer.enc_buffer._grow(2 * trainer.enc_buffer.capacity)  # new storage, same rows
     assert graphed.graphed.captures == 1
+    eager_steps = []
+    step = graphed.update.step
+    monkeypatch.setattr(graphed.update, "step", lambda *a: eager_steps.append(1) or step(*a))
     torch.testing.assert_close(graphed.train_steps_for_iteration(),
                                eager.train_steps_for_iteration())
-    assert graphed.graphed.captures == 2
+    assert graphed.graphed.captures == 2 and len(eager_steps) == graphs.WARMUP_STEPS
     _assert_same(eager, graphed)
 
 
@@ -95,5 +103,7 @@ def test_an_empty_buffer_is_refused_before_any_replay(tiny_config, tmp_path, cud
     _, graphed = _pair(tiny_config, tmp_path, steps=5)
     graphed.train_steps_for_iteration()
     graphed.enc_buffer.clear(2)
+    state = graphed.gen.get_state()
     with pytest.raises(RuntimeError, match=r"cannot sample from empty buffers of tasks \[2\]"):
         graphed.train_steps_for_iteration()
+    assert torch.equal(graphed.gen.get_state(), state)  # refused before drawing a batch

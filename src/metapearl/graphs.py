@@ -1,8 +1,8 @@
 """CUDA graphs for the gradient steps (`cuda_graphs = true`): capture one step, replay it.
 
-On a GPU the paper-size step is a few hundred small kernels, so its cost is the CPU launching
-them, not the GPU running them. A CUDA graph launches the whole recorded step at once. One step is
-captured as two graphs:
+On a GPU the paper-size step is a few hundred small kernels, so its cost is expected to be the CPU
+launching them rather than the GPU running them (not measured yet: no GPU was available). A CUDA
+graph launches the whole recorded step at once. One step is captured as two graphs:
 - `backward`: draw the meta-batch tasks, sample the RL and context batches from the buffers,
   the losses, the gradients and the stats (no parameter changes);
 - `apply`: Adam on every network and the target-V Polyak update.
@@ -38,13 +38,16 @@ class GraphedSteps:
     def __init__(self, update: PEARLUpdate, sample: Callable[[], tuple[Batch, Batch]],
                  buffers: Sequence[TaskReplayBuffer], generator: torch.Generator):
         self.update, self.sample, self.buffers, self.gen = update, sample, buffers, generator
-        self._key: tuple | None = None  # the buffer tensors' addresses the graphs read
-        self._warm = 0  # eager steps taken since those addresses changed
+        self._key: tuple | None = None  # the buffer tensors (address, shape) the graphs read
+        self._warm = 0  # eager steps taken since those tensors changed
         self._backward = self._apply = None  # the captured graphs
         self._stats = torch.zeros(len(STAT_NAMES), device=generator.device)  # backward's output
-        self.captures = 0
+        self.captures = 0  # captures so far (a buffer's growth adds one)
 
     def run(self, n: int) -> torch.Tensor:
+        """Take n gradient steps: eager warm-up steps after a buffer's tensors changed, then
+        replays; returns the sum of their stats. Raises NonFiniteError before a step with NaN or
+        infinite losses or gradients changes a parameter."""
         with _on_device(self.gen.device):
             return self._run(n)
 
@@ -53,7 +56,7 @@ class GraphedSteps:
             empty = (buf.sizes == 0).nonzero()[0]
             if len(empty):
                 raise RuntimeError(f"cannot sample from empty buffers of tasks {empty.tolist()}")
-        key = tuple(t.data_ptr() for buf in self.buffers for t in buf.storage())
+        key = tuple((t.data_ptr(), *t.shape) for buf in self.buffers for t in buf.storage())
         if key != self._key:
             self._key, self._warm = key, 0
             self._backward = self._apply = None  # free the old graphs' memory
@@ -64,7 +67,7 @@ class GraphedSteps:
                 for _ in range(eager):
                     total += self.update.step(*self.sample(), self.gen)
             self._warm, n = self._warm + eager, n - eager
-            if self._warm < WARMUP_STEPS:
+            if self._warm < WARMUP_STEPS or n == 0:  # (a capture may not outlive collection)
                 return total
             self._capture()
         for _ in range(n):
@@ -86,8 +89,9 @@ class GraphedSteps:
         was_enabled = gc.isenabled()
         gc.disable()
         try:
-            self._backward = _capture_graph(backward, generator=self.gen)
-            self._apply = _capture_graph(self.update.apply, pool=self._backward.pool())
+            graph = _capture_graph(backward, generator=self.gen)
+            self._apply = _capture_graph(self.update.apply, pool=graph.pool())
+            self._backward = graph  # set last: a failed capture leaves none
         finally:
             if was_enabled:
                 gc.enable()

@@ -60,7 +60,7 @@ class PEARLUpdate:
         self._groups = [list(m.parameters()) for m in
                         (agent.encoder, agent.policy, critics.qf, critics.vf)]
         params = [p for g in self._groups for p in g]
-        # with CUDA graphs the step count lives on the device, so the step can be captured
+        # Adam's step may be captured in a CUDA graph only when built capturable (graphs.py)
         extra = {"capturable": True} if cfg.cuda_graphs else {}
         try:
             self.optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=True, **extra)

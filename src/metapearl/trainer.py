@@ -133,9 +133,8 @@ class Trainer:
                                            cfg.replay_buffer_size, self.device)
         self.graphed = None
         if cfg.cuda_graphs:
-            sampled = [self.rl_buffer] + ([self.enc_buffer] if cfg.context_sampler == "recent"
-                                          else [])
-            self.graphed = GraphedSteps(self.update, self.sample_batches, sampled, self.gen)
+            self.graphed = GraphedSteps(self.update, self.sample_batches,
+                                        [self.rl_buffer, self._context_source()], self.gen)
         self.iteration = 0
         self.env_steps = 0
         self.train_steps = 0
