@@ -89,8 +89,9 @@ def test_a_run_on_cuda_trains_and_evaluates(tiny_config, tmp_path, graphs):
 
 @cuda
 def test_a_resume_may_switch_cuda_graphs_on(tiny_config, tmp_path):
-    train(tiny_config(device="cuda", num_iterations=1), tmp_path / "run", progress=False)
-    trainer = Trainer(tiny_config(device="cuda", cuda_graphs=True), tmp_path / "run", resume=True,
+    steps = {"device": "cuda", "num_train_steps_per_itr": 5}  # 3 warm-up steps, then 2 replays
+    train(tiny_config(num_iterations=1, **steps), tmp_path / "run", progress=False)
+    trainer = Trainer(tiny_config(cuda_graphs=True, **steps), tmp_path / "run", resume=True,
                       progress=False)
     assert all(g["capturable"] for g in trainer.update.optimizer.param_groups)
     trainer.train()
