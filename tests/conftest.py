@@ -24,3 +24,8 @@ def tiny_config():
         return make_config(family, "default", {**TINY, **overrides})
 
     return make
+
+
+def trained_params(trainer):
+    """Copies of every parameter the trainer's optimizer steps, to compare before and after."""
+    return [p.detach().clone() for p in trainer.update.optimizer.param_groups[0]["params"]]

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import trained_params
 
 from metapearl import Trainer, train
 from metapearl.guards import NonFiniteError
@@ -29,12 +30,8 @@ def _trainers(tiny_config, tmp_path, **overrides):
     return eager, graphed
 
 
-def _params(trainer):
-    return [p.detach().clone() for p in trainer.update.optimizer.param_groups[0]["params"]]
-
-
 def _assert_same_state(a, b):
-    for x, y in zip(_params(a), _params(b), strict=True):
+    for x, y in zip(trained_params(a), trained_params(b), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(a.gen.get_state(), b.gen.get_state())
 
@@ -46,12 +43,12 @@ def test_graph_replays_take_the_eager_steps(tiny_config, tmp_path):
     assert graphed.graphed.captures == 1  # 3 eager warm-up steps, then 7 replays
     torch.testing.assert_close(stats_e, stats_g, rtol=1e-4, atol=1e-5)
     _assert_same_state(eager, graphed)
-    before = _params(graphed)
+    before = trained_params(graphed)
     stats_e, stats_g = eager.train_steps_for_iteration(), graphed.train_steps_for_iteration()
     assert graphed.graphed.captures == 1  # replays only
     torch.testing.assert_close(stats_e, stats_g, rtol=1e-4, atol=1e-5)
     _assert_same_state(eager, graphed)
-    assert not all(torch.equal(a, b) for a, b in zip(before, _params(graphed), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(before, trained_params(graphed), strict=True))
 
 
 @cuda
@@ -71,10 +68,10 @@ def test_a_nan_in_a_replayed_step_stops_before_the_parameters_change(tiny_config
     _, graphed = _trainers(tiny_config, tmp_path, num_train_steps_per_itr=5)
     graphed.train_steps_for_iteration()  # captured
     graphed.rl_buffer.data[..., : graphed.rl_buffer.obs_dim].fill_(float("nan"))  # in place
-    before = _params(graphed)
+    before = trained_params(graphed)
     with pytest.raises(NonFiniteError, match="non-finite Loss/qf=nan"):
         graphed.train_steps_for_iteration()
-    assert all(torch.equal(a, b) for a, b in zip(before, _params(graphed), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, trained_params(graphed), strict=True))
 
 
 @cuda

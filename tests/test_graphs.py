@@ -9,6 +9,7 @@ import contextlib
 
 import pytest
 import torch
+from conftest import trained_params
 
 from metapearl import Trainer, graphs
 from metapearl.guards import NonFiniteError
@@ -49,12 +50,8 @@ def _pair(tiny_config, tmp_path, steps):
     return eager, graphed
 
 
-def _params(trainer):
-    return [p.detach().clone() for p in trainer.update.optimizer.param_groups[0]["params"]]
-
-
 def _assert_same(a, b):
-    for x, y in zip(_params(a), _params(b), strict=True):
+    for x, y in zip(trained_params(a), trained_params(b), strict=True):
         torch.testing.assert_close(x, y)
     assert torch.equal(a.gen.get_state(), b.gen.get_state())
 
@@ -93,10 +90,10 @@ def test_a_nan_in_a_replayed_step_stops_before_the_parameters_change(tiny_config
     _, graphed = _pair(tiny_config, tmp_path, steps=5)
     graphed.train_steps_for_iteration()  # warm-up and capture
     graphed.rl_buffer.data[..., : graphed.rl_buffer.obs_dim].fill_(float("nan"))
-    before = _params(graphed)
+    before = trained_params(graphed)
     with pytest.raises(NonFiniteError, match="non-finite Loss/qf=nan"):
         graphed.train_steps_for_iteration()
-    assert all(torch.equal(a, b) for a, b in zip(before, _params(graphed), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, trained_params(graphed), strict=True))
 
 
 def test_an_empty_buffer_is_refused_before_any_replay(tiny_config, tmp_path, cuda_stand_ins):

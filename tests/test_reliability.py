@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, trained_params
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
@@ -189,7 +189,7 @@ def test_a_nan_gradient_is_named_and_no_parameter_changes(tiny_config, tmp_path)
     trainer.collect_iteration_data()
     first = next(trainer.agent.policy.parameters())
     first.register_hook(lambda g: torch.full_like(g, float("nan")))
-    before = [p.detach().clone() for p in trainer.update.optimizer.param_groups[0]["params"]]
+    before = trained_params(trainer)
     with pytest.raises(NonFiniteError) as info:
         trainer.train_steps_for_iteration()
     assert "Grad/policy=nan" in str(info.value) and "Loss/" not in str(info.value)

@@ -106,10 +106,9 @@ class TaskReplayBuffer:
         trajectory (whole trajectories in the order they were collected, the last one cut at n).
         """
         sizes = self._sizes_t[tasks]
-        # (a CUDA graph's capture may not read values back; graphs.py checks the host sizes)
+        # (a CUDA graph's capture may not read values back; graphs.py calls check_filled)
         if not _capturing(self.device) and bool((sizes == 0).any()):
-            empty = tasks[sizes == 0].tolist()
-            raise RuntimeError(f"cannot sample from empty buffers of tasks {empty}")
+            _refuse_empty(tasks[sizes == 0].tolist())
         if sequence:
             idx = self._sequence_index(tasks.tolist(), n, generator)
         else:
@@ -133,6 +132,13 @@ class TaskReplayBuffer:
         sizes = self.sizes[tasks]
         idx = (oldest[:, None] + (first[:, None] + np.arange(n)) % sizes[:, None]) % sizes[:, None]
         return torch.as_tensor(idx, device=self.device)
+
+    def check_filled(self) -> None:
+        """Raise the error `sample` raises if any task's buffer is empty, from the host's sizes
+        (for callers that cannot read the device, as a CUDA graph's replay cannot)."""
+        empty = (self.sizes == 0).nonzero()[0]
+        if len(empty):
+            _refuse_empty(empty.tolist())
 
     def storage(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The tensors `sample` reads (the rows and the per-task sizes); a new tensor replaces
@@ -172,6 +178,10 @@ class TaskReplayBuffer:
         self.starts = np.zeros((tasks, self.capacity), dtype=bool)
         if "starts" in state:  # checkpoints of format 2 did not mark trajectory starts
             self.starts[:, :data.shape[1]] = state["starts"].numpy()
+
+
+def _refuse_empty(tasks: list[int]) -> None:
+    raise RuntimeError(f"cannot sample from empty buffers of tasks {tasks}")
 
 
 def _capturing(device: torch.device) -> bool:

@@ -53,9 +53,7 @@ class GraphedSteps:
 
     def _run(self, n: int) -> torch.Tensor:
         for buf in self.buffers:  # the replays cannot check this themselves
-            empty = (buf.sizes == 0).nonzero()[0]
-            if len(empty):
-                raise RuntimeError(f"cannot sample from empty buffers of tasks {empty.tolist()}")
+            buf.check_filled()
         key = tuple((t.data_ptr(), *t.shape) for buf in self.buffers for t in buf.storage())
         if key != self._key:
             self._key, self._warm = key, 0
