@@ -11,10 +11,12 @@ posterior it acts on comes from the first two. This script removes everything bu
    that perfect policy: trajectory 1 aims at a uniform random point, trajectories 2 and 3 at the
    current estimate. Its goal error after k trajectories is the best a PoG encoder of this size
    does with this much training;
-3. the same with a permutation-invariant encoder that is not a product of Gaussians (mean-pooled
+3. the same with factors of low-rank precision (`factor_rank` --rank, our extension: each factor's
+   precision is diag(1/sigma2_n) + u_n u_n^T, so the product has a full covariance);
+4. the same with a permutation-invariant encoder that is not a product of Gaussians (mean-pooled
    features, then an MLP), to show how much of the gap is the model class.
 
-    python benchmarks/point_robot_ceiling.py --steps 4000 [--latent 16]
+    python benchmarks/point_robot_ceiling.py --steps 4000 [--latent 16] [--encoders pog,lowrank]
 """
 
 from __future__ import annotations
@@ -57,11 +59,12 @@ def return_at_error(err: float, rng: np.random.Generator, n: int = 20000) -> flo
 
 
 class PoGGoal(nn.Module):
-    """PEARL's encoder (latent `latent`), then an MLP from the posterior mean to the goal."""
+    """PEARL's encoder (latent `latent`, factors of precision rank `rank` beyond the diagonal),
+    then an MLP from the posterior mean to the goal."""
 
-    def __init__(self, context_dim: int, hidden: int, latent: int):
+    def __init__(self, context_dim: int, hidden: int, latent: int, rank: int = 0):
         super().__init__()
-        self.encoder = ContextEncoder(context_dim, latent, hidden, True)
+        self.encoder = ContextEncoder(context_dim, latent, hidden, True, rank)
         self.decoder = MLP(latent, 64, 2)
 
     def forward(self, context):
@@ -113,9 +116,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4000, help="supervised training steps")
     parser.add_argument("--hidden", type=int, default=200, help="encoder width (SPEC: 200)")
     parser.add_argument("--latent", type=int, default=5, help="PoG latent size (SPEC: 5)")
+    parser.add_argument("--rank", type=int, default=1, help="factor_rank of the lowrank encoder")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--encoders", default="pog,meanpool",
-                        help="comma-separated subset of pog (PEARL's) and meanpool")
+    parser.add_argument("--encoders", default="pog,lowrank,meanpool",
+                        help="comma-separated subset of pog (PEARL's), lowrank and meanpool")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
@@ -129,6 +133,8 @@ def main() -> None:
     for key, name, encoder in [
         ("pog", f"PEARL product of Gaussians, latent {args.latent}",
          PoGGoal(5, args.hidden, args.latent)),
+        ("lowrank", f"product of Gaussians with rank-{args.rank} precision terms, latent "
+         f"{args.latent}", PoGGoal(5, args.hidden, args.latent, args.rank)),
         ("meanpool", "mean-pooled MLP (not PEARL)", MeanPoolGoal(5, args.hidden)),
     ]:
         if key not in chosen:

@@ -21,6 +21,7 @@ import torch
 
 from metapearl.agent import PEARLAgent
 from metapearl.checkpoint import load_checkpoint, load_run_config
+from metapearl.encoder import marginal_variance
 from metapearl.evaluation import adapt_to_task
 from metapearl.tasks import get_family
 
@@ -33,7 +34,7 @@ def adapt(agent: PEARLAgent, env, cfg, seed: int) -> dict:
 
     def on_step(trajectory: int, t: int, _return: float) -> None:
         if trajectory == k and t == 0:  # acting on the first posterior
-            var_after_prior.append(float(agent.belief_var.mean()))
+            var_after_prior.append(float(marginal_variance(agent.belief_var).mean()))
 
     trajectories = adapt_to_task(agent, env, cfg, seed=seed, on_step=on_step)
     # the context reward is 1 - distance inside the goal radius and 0 outside it

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from metapearl.buffers import TaskReplayBuffer, sample_context
+from metapearl.encoder import marginal_variance
 from metapearl.trainer import Trainer, task_waves
 
 
@@ -106,7 +107,7 @@ def test_posterior_phases_act_on_a_posterior_reinferred_every_update_post_train_
     monkeypatch.setattr(trainer_mod, "collect", spy_collect)
     monkeypatch.setattr(tr.agent, "posterior", spy_posterior)
     tr.collect_iteration_data()
-    prior_phase, posterior_phase, extra_rl_phase = starts
+    prior_phase, posterior_phase, extra_rl_phase = map(marginal_variance, starts)
     assert torch.equal(prior_phase, torch.ones_like(prior_phase))  # z ~ N(0, I)
     # the posterior phases start from q(z | prior-phase context), not from the prior ...
     assert (posterior_phase < 0.5).all() and (extra_rl_phase < 0.5).all()

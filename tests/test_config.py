@@ -47,7 +47,9 @@ for _name, _row, _notes in [
 @pytest.mark.parametrize("family", sorted(SPEC_PAPER))
 def test_paper_preset_is_spec_section_7(family):
     cfg = make_config(family, "paper").to_dict()
-    expected = {**SPEC_DEFAULTS, "use_next_obs_in_context": False, **SPEC_PAPER[family]}
+    # the paper's model: diagonal Gaussian factors (factor_rank 0), the pog encoder
+    expected = {**SPEC_DEFAULTS, "use_next_obs_in_context": False, "factor_rank": 0,
+                "encoder": "pog", **SPEC_PAPER[family]}
     for key, value in expected.items():
         assert cfg[key] == value, key
     assert cfg["use_information_bottleneck"]
@@ -147,6 +149,17 @@ def test_a_run_of_an_unregistered_family_says_to_register_it(tmp_path, capsys):
     assert main(["eval", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "unknown task family 'my-family'" in err and "register_family" in err
+
+
+def test_factor_rank_needs_the_stochastic_pog_encoder(tiny_config):
+    assert tiny_config(factor_rank=2).factor_rank == 2
+    with pytest.raises(ConfigError, match="factor_rank must be >= 0, got -1"):
+        tiny_config(factor_rank=-1)
+    for bad in ({"encoder": "rnn-tran"}, {"use_information_bottleneck": False}):
+        with pytest.raises(ConfigError, match="factor_rank > 0 needs the pog encoder"):
+            tiny_config(factor_rank=1, **bad)
+    with pytest.raises(ConfigError, match="cuda_graphs supports diagonal factors only"):
+        tiny_config(factor_rank=1, cuda_graphs=True, device="cuda")
 
 
 def test_cuda_graphs_need_a_cuda_device_and_the_pog_encoder(tiny_config):

@@ -7,7 +7,9 @@ from metapearl.encoder import (
     ContextEncoder,
     RecurrentEncoder,
     kl_to_standard_normal,
+    marginal_variance,
     product_of_gaussians,
+    product_of_lowrank_gaussians,
     sample_z,
 )
 
@@ -53,10 +55,13 @@ def test_kl_to_standard_normal_matches_numerical_integral():
     q = torch.exp(-0.5 * (x - mu) ** 2 / var) / math.sqrt(2 * math.pi * var)
     p = torch.exp(-0.5 * x**2) / math.sqrt(2 * math.pi)
     numeric = torch.trapezoid(q * (q.log() - p.log()), x).item()
-    got = kl_to_standard_normal(torch.tensor(mu), torch.tensor(var)).item()
+    got = kl_to_standard_normal(torch.tensor([mu]), torch.tensor([var])).item()
     assert abs(got - expected) < 1e-6
     assert abs(got - numeric) < 1e-5
-    assert kl_to_standard_normal(torch.zeros(3), torch.ones(3)).abs().max() == 0
+    assert kl_to_standard_normal(torch.zeros(2, 3), torch.ones(2, 3)).abs().max() == 0
+    # summed over the latent dimension: two dims, each 0.5 * (2 - ln 2)
+    two = kl_to_standard_normal(torch.tensor([[mu, mu]]), torch.tensor([[var, var]]))
+    assert two.shape == (1,) and abs(two.item() - 2 * expected) < 1e-6
 
 
 def test_deterministic_encoder_is_the_mean_of_outputs_with_zero_variance():
@@ -145,3 +150,101 @@ def test_context_rows_are_s_a_r_and_s_next_only_when_configured(tiny_config):
     for use_next, parts in [(False, [obs, act, rew]), (True, [obs, act, rew, nxt])]:
         agent = PEARLAgent.from_config(tiny_config(use_next_obs_in_context=use_next), 2, 2)
         assert torch.equal(agent.make_context(obs, act, rew, nxt), torch.cat(parts, -1))
+
+
+# --- low-rank factors (factor_rank > 0, our extension) --------------------------------------------
+def test_product_of_lowrank_gaussians_known_answer():
+    # factor 1: mean (0, 0), precision diag(1, 1) + u u^T with u = (1, 1) -> [[2, 1], [1, 2]]
+    # factor 2: mean (3, 0), precision I (u = 0)
+    # Lambda = [[3, 1], [1, 3]], det 8, covariance [[3, -1], [-1, 3]] / 8;
+    # eta = P1 (0, 0) + P2 (3, 0) = (3, 0) -> mu = (9/8, -3/8).
+    mu = torch.tensor([[[0.0, 0.0], [3.0, 0.0]]])
+    var = torch.ones(1, 2, 2)
+    u = torch.tensor([[[[1.0], [1.0]], [[0.0], [0.0]]]])
+    post_mu, cov = product_of_lowrank_gaussians(mu, var, u)
+    torch.testing.assert_close(post_mu, torch.tensor([[9 / 8, -3 / 8]]))
+    torch.testing.assert_close(cov, torch.tensor([[[3 / 8, -1 / 8], [-1 / 8, 3 / 8]]]))
+    # KL(N(mu, cov) || N(0, I)) = 0.5 (tr + |mu|^2 - d - ln det) = 0.5 (6/8 + 90/64 - 2 + ln 8)
+    expected = 0.5 * (0.75 + 90 / 64 - 2 + math.log(8))
+    assert abs(kl_to_standard_normal(post_mu, cov).item() - expected) < 1e-5
+
+
+def test_lowrank_product_without_lowrank_term_is_the_diagonal_product():
+    g = torch.Generator().manual_seed(1)
+    mu, var = torch.randn(3, 6, 4, generator=g), torch.rand(3, 6, 4, generator=g) + 0.1
+    post_mu, cov = product_of_lowrank_gaussians(mu, var, torch.zeros(3, 6, 4, 2))
+    diag_mu, diag_var = product_of_gaussians(mu, var)
+    torch.testing.assert_close(post_mu, diag_mu)
+    torch.testing.assert_close(cov, torch.diag_embed(diag_var))
+    torch.testing.assert_close(kl_to_standard_normal(post_mu, cov),
+                               kl_to_standard_normal(diag_mu, diag_var))
+
+
+def test_lowrank_product_is_permutation_invariant_masked_and_empty_is_prior():
+    g = torch.Generator().manual_seed(2)
+    mu, var = torch.randn(2, 7, 3, generator=g), torch.rand(2, 7, 3, generator=g) + 0.1
+    u = torch.randn(2, 7, 3, 2, generator=g)
+    perm = torch.randperm(7, generator=g)
+    a = product_of_lowrank_gaussians(mu, var, u)
+    torch.testing.assert_close(a, product_of_lowrank_gaussians(mu[:, perm], var[:, perm],
+                                                               u[:, perm]))
+    mask = torch.ones(2, 7)
+    mask[:, 4:] = 0
+    torch.testing.assert_close(product_of_lowrank_gaussians(mu, var, u, mask),
+                               product_of_lowrank_gaussians(mu[:, :4], var[:, :4], u[:, :4]))
+    mask[1] = 0
+    post_mu, cov = product_of_lowrank_gaussians(mu, var, u, mask)
+    assert torch.equal(post_mu[1], torch.zeros(3)) and torch.equal(cov[1], torch.eye(3))
+
+
+def test_kl_of_a_covariance_matches_torch_distributions():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(4, 3, 3, generator=g, dtype=torch.float64)
+    cov = a @ a.transpose(1, 2) + 0.1 * torch.eye(3, dtype=torch.float64)
+    mu = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    q = torch.distributions.MultivariateNormal(mu, covariance_matrix=cov)
+    p = torch.distributions.MultivariateNormal(torch.zeros(3, dtype=torch.float64),
+                                               torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(kl_to_standard_normal(mu, cov), torch.distributions.kl_divergence(q, p),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_sample_z_from_a_covariance_has_that_mean_and_covariance():
+    mu = torch.tensor([[1.0, -2.0]])
+    cov = torch.tensor([[[0.5, 0.3], [0.3, 0.4]]])
+    g = torch.Generator().manual_seed(4)
+    z = sample_z(mu.expand(20000, 2), cov.expand(20000, 2, 2), g)
+    torch.testing.assert_close(z.mean(0), mu[0], atol=0.02, rtol=0)
+    torch.testing.assert_close(torch.cov(z.T), cov[0], atol=0.02, rtol=0)
+    assert torch.equal(marginal_variance(cov), torch.tensor([[0.5, 0.4]]))
+
+
+def test_lowrank_encoder_single_factor_and_gradients_reach_the_lowrank_outputs():
+    torch.manual_seed(0)
+    enc = ContextEncoder(4, 2, 8, information_bottleneck=True, rank=1)
+    ctx = torch.randn(1, 1, 4)
+    raw = enc.net(ctx)[0, 0]
+    mu, cov = enc(ctx)  # one factor: the posterior is that factor
+    u = raw[4:6].reshape(2, 1)
+    precision = torch.diag(1 / torch.nn.functional.softplus(raw[2:4])) + u @ u.T
+    torch.testing.assert_close(mu, raw[:2].reshape(1, 2), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(cov[0], torch.linalg.inv(precision), rtol=1e-4, atol=1e-6)
+    assert enc(torch.zeros(2, 0, 4))[1].equal(torch.eye(2).expand(2, 2, 2))
+    mu, cov = enc(torch.randn(3, 5, 4))
+    loss = sample_z(mu, cov, torch.Generator().manual_seed(0)).pow(2).sum()
+    loss = loss + kl_to_standard_normal(mu, cov).sum()
+    loss.backward()
+    last = enc.net.linears[-1]
+    assert last.weight.grad[4:].abs().sum() > 0  # rows producing u got gradient
+
+
+def test_agent_with_lowrank_factors_keeps_a_covariance_belief():
+    agent = PEARLAgent(2, 2, 3, 16, 16, factor_rank=1)
+    assert agent.belief_var.shape == (1, 3, 3) and torch.equal(agent.belief_var[0], torch.eye(3))
+    for _ in range(4):
+        agent.observe([0.1, 0.2], [0.5, -0.5], -1.0, [0.2, 0.1])
+    agent.infer_posterior()
+    assert agent.belief_var.shape == (1, 3, 3)
+    assert agent.sample_z().shape == (1, 3)
+    agent.reset()
+    assert torch.equal(agent.belief_var[0], torch.eye(3))

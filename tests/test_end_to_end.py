@@ -73,9 +73,12 @@ def _train_until_third_checkpoint(cfg, run_dir, monkeypatch):
     monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
 
 
-@pytest.mark.parametrize("encoder", ["pog", "rnn-tran", "rnn-traj"])
-def test_interrupted_run_resumes_to_the_same_numbers(encoder, tiny_config, tmp_path, monkeypatch):
-    cfg = tiny_config(num_iterations=4, encoder=encoder)
+@pytest.mark.parametrize("model", [{"encoder": "pog", "factor_rank": 0},
+                                   {"encoder": "pog", "factor_rank": 1},
+                                   {"encoder": "rnn-tran"}, {"encoder": "rnn-traj"}],
+                         ids=["pog", "pog-rank1", "rnn-tran", "rnn-traj"])
+def test_interrupted_run_resumes_to_the_same_numbers(model, tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config(num_iterations=4, **model)
     train(cfg, tmp_path / "whole", progress=False)
 
     _train_until_third_checkpoint(cfg, tmp_path / "cut", monkeypatch)

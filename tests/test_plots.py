@@ -109,6 +109,23 @@ def test_adaptation_rollouts_follow_the_meta_test_protocol(sparse_runs):
         assert sizes == sorted(sizes) and sizes[-1] == 40
 
 
+def test_posterior_picture_reads_marginal_variances_of_lowrank_factors(tmp_path):
+    from conftest import TINY
+
+    from metapearl.config import make_config
+
+    cfg = make_config("point-robot", "default", {**TINY, "num_iterations": 1, "factor_rank": 1})
+    train(cfg, tmp_path / "run", progress=False)
+    r = adaptation_rollouts(tmp_path / "run", num_tasks=1)[0]
+    n0, mu0, var0 = r["posterior"][0]
+    assert var0.shape == (cfg.latent_size,) and np.all(var0 == 1)  # the prior's diagonal
+    _, mu, var = r["posterior"][-1]
+    assert var.shape == mu.shape == (cfg.latent_size,) and np.all(var > 0)
+    assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "figs"),
+                 "--tasks", "1"]) == 0
+    assert (tmp_path / "figs" / "posterior.png").exists()
+
+
 @pytest.fixture(scope="module")
 def cheetah_run(tmp_path_factory):
     pytest.importorskip("mujoco")

@@ -49,6 +49,10 @@ class PEARLConfig:
     rnn_bptt_steps: int = _f(
         100, "recurrent encoders: backpropagate through at most this many steps (0: all)"
     )
+    factor_rank: int = _f(
+        0, "pog encoder: rank of a low-rank term added to each factor's diagonal precision, so a "
+        "transition can say 'z lies near a tilted plane' (0: diagonal factors, the paper's)"
+    )
     # losses (SPEC section 3)
     meta_batch: int = _f(16, "training tasks per gradient step")
     batch_size: int = _f(256, "RL batch: transitions per task per gradient step")
@@ -122,10 +126,10 @@ class PEARLConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         non_negative = [
-            "seed", "rnn_bptt_steps", "num_initial_steps", "num_tasks_sample", "num_steps_prior",
-            "num_steps_posterior",
-            "num_extra_rl_steps_posterior", "num_train_steps_per_itr", "kl_lambda",
-            "policy_mean_reg_weight", "policy_std_reg_weight", "torch_threads",
+            "seed", "rnn_bptt_steps", "factor_rank", "num_initial_steps", "num_tasks_sample",
+            "num_steps_prior", "num_steps_posterior", "num_extra_rl_steps_posterior",
+            "num_train_steps_per_itr", "kl_lambda", "policy_mean_reg_weight",
+            "policy_std_reg_weight", "torch_threads",
         ]
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -164,6 +168,13 @@ class PEARLConfig:
             raise ConfigError(f"cuda_graphs needs a CUDA device, got device {self.device!r}")
         if self.cuda_graphs and self.encoder != "pog":
             raise ConfigError(f"cuda_graphs supports the pog encoder only, got {self.encoder!r}")
+        if self.factor_rank and (self.encoder != "pog" or not self.use_information_bottleneck):
+            raise ConfigError("factor_rank > 0 needs the pog encoder with "
+                              "use_information_bottleneck=true (it shapes Gaussian factors); "
+                              "point-robot's default preset has factor_rank 1: add "
+                              "--set factor_rank=0")
+        if self.factor_rank and self.cuda_graphs:
+            raise ConfigError("cuda_graphs supports diagonal factors only (factor_rank 0)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -255,12 +266,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             num_train_tasks=80, num_test_tasks=20, max_path_length=20, meta_batch=16,
             num_initial_steps=200, num_steps_prior=200, num_steps_posterior=0,
             num_extra_rl_steps_posterior=200, num_train_steps_per_itr=200,
-            embedding_batch_size=64, num_steps_per_eval=60, num_iterations=150,
+            embedding_batch_size=40, num_steps_per_eval=60, num_iterations=150,
             # CPU sizes: small critic/policy (the task is 2-D), a full-width encoder (identifying
-            # the goal from a few transitions is the hard part), a shorter effective horizon
-            # and a lower reward scale (faster, steadier critic learning at this budget)
+            # the goal from a few transitions is the hard part), a shorter effective horizon.
+            # Factors with a rank-1 precision term (our extension, encoder.py): a transition's
+            # "goal on a circle around s'" is a plane in (goal, |goal|^2) that diagonal factors
+            # cannot hold; with diagonal ones the meta-test return stalls near -10 (README).
+            # Context batches of 40, the size of the context the scored trajectory acts on.
             net_size=64, encoder_size=200, batch_size=64, lr=1e-3, discount=0.9,
-            reward_scale=20.0,
+            reward_scale=100.0, factor_rank=1,
         ),
     },
     "sparse-point-robot": {

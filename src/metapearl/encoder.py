@@ -1,5 +1,10 @@
 """The context encoder q(z | c) (SPEC section 2): a product of Gaussian factors, or the recurrent
-ablation (a GRU over the context in order); either with a deterministic z as a further ablation."""
+ablation (a GRU over the context in order); either with a deterministic z as a further ablation.
+
+A posterior is (mu, var): mu (tasks, latent) and var the variances (tasks, latent), or, for the
+product of low-rank factors (`factor_rank` > 0, our extension), the covariance (tasks, latent,
+latent). `sample_z`, `kl_to_standard_normal` and `marginal_variance` take either.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from metapearl.config import ENCODERS
 from metapearl.networks import LAST_LAYER_INIT, MLP
 
 MIN_VARIANCE = 1e-7
+JITTER = 1e-6  # relative diagonal jitter before factoring a full covariance (see covariance_factor)
 
 
 def product_of_gaussians(
@@ -32,23 +38,82 @@ def product_of_gaussians(
     return post_mu.masked_fill(empty, 0.0), post_var.masked_fill(empty, 1.0)
 
 
+def product_of_lowrank_gaussians(
+    mu: torch.Tensor, var: torch.Tensor, u: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior of Gaussian factors whose precisions are diag(1/var_n) + u_n u_n^T (rank r), the
+    prior not multiplied in (our extension of SPEC section 2; u = 0 is `product_of_gaussians`).
+
+    mu, var: (tasks, n, latent); u: (tasks, n, latent, rank); mask: (tasks, n) of 0/1 or None.
+    Lambda = sum_n P_n;  mu = Lambda^-1 sum_n P_n mu_n;  covariance Lambda^-1.
+    -> (mu (tasks, latent), covariance (tasks, latent, latent)); an empty context gives N(0, I).
+    Solved in float64: the latent is small and the precisions may span many orders of magnitude.
+    """
+    dtype = mu.dtype
+    mu, u = mu.double(), u.double()
+    precision = 1.0 / var.double().clamp_min(MIN_VARIANCE)
+    if mask is not None:
+        keep = mask.double().unsqueeze(-1)
+        precision, u = precision * keep, u * keep.unsqueeze(-1)
+    total = precision.sum(dim=1)
+    lam = torch.diag_embed(total) + torch.einsum("tnir,tnjr->tij", u, u)
+    eta = (precision * mu).sum(dim=1) + torch.einsum("tnir,tnr->ti", u,
+                                                     torch.einsum("tnjr,tnj->tnr", u, mu))
+    empty = (total <= 0).all(dim=-1)
+    eye = torch.eye(lam.shape[-1], dtype=lam.dtype, device=lam.device)
+    lam = torch.where(empty[:, None, None], eye, lam)
+    chol = torch.linalg.cholesky(lam)
+    post_mu = torch.cholesky_solve(eta.masked_fill(empty[:, None], 0.0).unsqueeze(-1), chol)
+    return post_mu.squeeze(-1).to(dtype), torch.cholesky_inverse(chol).to(dtype)
+
+
+def covariance_factor(cov: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor L of a covariance (..., d, d), cov ~ L L^T, in float64 after adding
+    JITTER x its mean variance to the diagonal: a very confident posterior's float32 covariance
+    can be indefinite by rounding alone."""
+    c = cov.double()
+    scale = c.diagonal(dim1=-2, dim2=-1).mean(dim=-1)[..., None, None]
+    eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
+    return torch.linalg.cholesky(c + JITTER * scale * eye)
+
+
+def marginal_variance(var: torch.Tensor) -> torch.Tensor:
+    """The variance of each latent dimension, (..., latent), of either form of a posterior."""
+    return var.diagonal(dim1=-2, dim2=-1) if var.dim() >= 3 else var
+
+
 def kl_to_standard_normal(mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, var) || N(0, I)) per element: 0.5 (var + mu^2 - 1 - log var). Same shape as mu."""
-    return 0.5 * (var + mu.pow(2) - 1.0 - var.log())
+    """KL(N(mu, var) || N(0, I)) summed over the latent dimension, shape mu.shape[:-1].
+
+    Variances: 0.5 sum(var + mu^2 - 1 - log var); a covariance S: 0.5 (tr S + |mu|^2 - d - log det S).
+    """
+    if var.dim() == mu.dim():
+        return 0.5 * (var + mu.pow(2) - 1.0 - var.log()).sum(dim=-1)
+    log_det = 2.0 * covariance_factor(var).diagonal(dim1=-2, dim2=-1).log().sum(dim=-1)
+    trace = var.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
+    return 0.5 * (trace + mu.pow(2).sum(dim=-1) - mu.shape[-1] - log_det.to(mu.dtype))
 
 
 class ContextEncoder(nn.Module):
     """f_phi: one transition -> (mu_n, sigma2_n); the posterior is their product.
 
+    With ``rank`` > 0 each factor also gets u_n (latent x rank), its precision becomes
+    diag(1/sigma2_n) + u_n u_n^T and the posterior covariance a full matrix (our extension: a
+    point-robot transition says "the goal lies on a circle of radius |r| around s'", a plane in
+    (goal, |goal|^2) that diagonal factors cannot express; see README). The outputs start near
+    zero, so training starts from nearly diagonal factors.
     With ``use_information_bottleneck=False`` the encoder outputs `latent` numbers per transition,
     the posterior mean is their mean over the context and its variance is zero (deterministic z).
     """
 
-    def __init__(self, context_dim: int, latent: int, hidden: int, information_bottleneck: bool):
+    def __init__(self, context_dim: int, latent: int, hidden: int, information_bottleneck: bool,
+                 rank: int = 0):
         super().__init__()
-        self.latent = latent
+        self.latent, self.rank = latent, rank
         self.information_bottleneck = information_bottleneck
-        self.net = MLP(context_dim, hidden, 2 * latent if information_bottleneck else latent)
+        self.full_covariance = rank > 0
+        self.net = MLP(context_dim, hidden,
+                       (2 + rank) * latent if information_bottleneck else latent)
 
     def forward(
         self, context: torch.Tensor, mask: torch.Tensor | None = None
@@ -56,8 +121,13 @@ class ContextEncoder(nn.Module):
         """context: (tasks, n, context_dim), mask: (tasks, n) or None -> (mu, var), each (tasks, latent)."""
         tasks = context.shape[0]
         if context.shape[1] == 0:
-            return prior(tasks, self.latent, context.device, self.information_bottleneck)
+            return prior(tasks, self.latent, context.device, self.information_bottleneck,
+                         self.full_covariance)
         out = self.net(context)
+        if self.full_covariance:
+            mu, raw, u = out.split([self.latent, self.latent, self.rank * self.latent], dim=-1)
+            u = u.unflatten(-1, (self.latent, self.rank))
+            return product_of_lowrank_gaussians(mu, F.softplus(raw), u, mask)
         if self.information_bottleneck:
             mu, raw = out.split(self.latent, dim=-1)
             return product_of_gaussians(mu, F.softplus(raw), mask)
@@ -84,6 +154,7 @@ class RecurrentEncoder(nn.Module):
         super().__init__()
         self.latent = latent
         self.information_bottleneck = information_bottleneck
+        self.full_covariance = False
         self.bptt_steps = bptt_steps
         self.embed = nn.Sequential(nn.Linear(context_dim, hidden), nn.ReLU(),
                                    nn.Linear(hidden, hidden), nn.ReLU())
@@ -124,21 +195,27 @@ class RecurrentEncoder(nn.Module):
 
 
 def make_encoder(kind: str, context_dim: int, latent: int, hidden: int,
-                 information_bottleneck: bool, bptt_steps: int = 0) -> nn.Module:
-    """The encoder of config field `encoder`: `pog`, or `rnn-tran` / `rnn-traj` (a GRU; the two
-    differ in how the trainer samples their batches, not in the network)."""
+                 information_bottleneck: bool, bptt_steps: int = 0, factor_rank: int = 0
+                 ) -> nn.Module:
+    """The encoder of config field `encoder`: `pog` (with `factor_rank`), or `rnn-tran` /
+    `rnn-traj` (a GRU; the two differ in how the trainer samples their batches, not in the
+    network)."""
     if kind == "pog":
-        return ContextEncoder(context_dim, latent, hidden, information_bottleneck)
+        return ContextEncoder(context_dim, latent, hidden, information_bottleneck, factor_rank)
     if kind in ("rnn-tran", "rnn-traj"):
         return RecurrentEncoder(context_dim, latent, hidden, information_bottleneck, bptt_steps)
     raise ValueError(f"unknown encoder {kind!r}; known: {', '.join(ENCODERS)}")
 
 
 def prior(
-    tasks: int, latent: int, device: torch.device | str = "cpu", stochastic: bool = True
+    tasks: int, latent: int, device: torch.device | str = "cpu", stochastic: bool = True,
+    full_covariance: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The belief before any context: N(0, I), or z = 0 for the deterministic encoder."""
+    """The belief before any context: N(0, I) (variances, or with `full_covariance` the identity
+    covariance per task), or z = 0 for the deterministic encoder."""
     mu = torch.zeros(tasks, latent, device=device)
+    if full_covariance:
+        return mu, torch.eye(latent, device=device).expand(tasks, latent, latent).clone()
     var = torch.ones_like(mu) if stochastic else torch.zeros_like(mu)
     return mu, var
 
@@ -146,6 +223,9 @@ def prior(
 def sample_z(
     mu: torch.Tensor, var: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """z ~ N(mu, var) by reparameterisation (gradients flow into mu and var)."""
+    """z ~ N(mu, var) by reparameterisation (gradients flow into mu and var); var holds variances
+    (..., latent) or a covariance (..., latent, latent)."""
     eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-    return mu + var.sqrt() * eps
+    if var.dim() == mu.dim():
+        return mu + var.sqrt() * eps
+    return mu + (covariance_factor(var) @ eps.double().unsqueeze(-1)).squeeze(-1).to(mu.dtype)

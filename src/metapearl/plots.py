@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
 
 from metapearl.checkpoint import CheckpointError  # noqa: E402
+from metapearl.encoder import marginal_variance  # noqa: E402
 from metapearl.logging import read_progress  # noqa: E402
 
 Groups = dict[str, list[Path]]
@@ -208,9 +209,10 @@ def adaptation_rollouts(run: Path, num_tasks: int = 3, trajectories: int | None 
         context = agent.context
         sizes = np.unique(np.geomspace(1, context.shape[1], 40).astype(int))
         with torch.no_grad():
-            posterior = [(0, *(x[0].numpy() for x in agent.prior(1)))]
-            posterior += [(int(n), *(x[0].numpy() for x in agent.posterior(context[:, :n])))
-                          for n in sizes]
+            beliefs = [(0, agent.prior(1))] + [(int(n), agent.posterior(context[:, :n]))
+                                               for n in sizes]
+        posterior = [(n, mu[0].numpy(), marginal_variance(var)[0].numpy())
+                     for n, (mu, var) in beliefs]
         out.append({"task": task, "trajectories": trajs, "returns": returns,
                     "posterior": posterior})
     env.close()

@@ -51,13 +51,14 @@ class Trajectory:
 
 
 class Belief:
-    """Per-slot Gaussian beliefs over z, (slots, latent) each; callbacks overwrite rows."""
+    """Per-slot Gaussian beliefs over z: mu (slots, latent) and var (slots, latent) or
+    (slots, latent, latent) (encoder.py); callbacks overwrite rows."""
 
     def __init__(self, mu: torch.Tensor, var: torch.Tensor):
         self.mu, self.var = mu, var
 
     def set(self, slot: int, mu: torch.Tensor, var: torch.Tensor) -> None:
-        self.mu[slot], self.var[slot] = mu.reshape(-1), var.reshape(-1)
+        self.mu[slot], self.var[slot] = mu.reshape(-1), var.reshape(self.var.shape[1:])
 
 
 class _Recorder:

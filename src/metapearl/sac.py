@@ -19,7 +19,7 @@ from torch import nn
 
 from metapearl.agent import PEARLAgent
 from metapearl.buffers import Batch
-from metapearl.encoder import kl_to_standard_normal, sample_z
+from metapearl.encoder import kl_to_standard_normal, marginal_variance, sample_z
 from metapearl.guards import check_finite
 from metapearl.networks import MLP, EnsembleMLP
 
@@ -115,7 +115,7 @@ class PEARLUpdate:
         total = loss_q + cfg.kl_lambda * kl + loss_v + loss_pi
         stats = torch.stack([
             loss_q, loss_v, loss_pi, kl, q.mean(), v.mean(), log_pi.mean(), mu.abs().mean(),
-            var.mean(),
+            marginal_variance(var).mean(),
         ]).detach()
         return total, stats
 
