@@ -1,11 +1,13 @@
 import math
 
+import numpy as np
 import torch
 
 from metapearl.agent import PEARLAgent
 from metapearl.encoder import (
     ContextEncoder,
     RecurrentEncoder,
+    covariance_factor,
     kl_to_standard_normal,
     marginal_variance,
     product_of_gaussians,
@@ -248,3 +250,51 @@ def test_agent_with_lowrank_factors_keeps_a_covariance_belief():
     assert agent.sample_z().shape == (1, 3)
     agent.reset()
     assert torch.equal(agent.belief_var[0], torch.eye(3))
+
+
+def test_lowrank_product_matches_explicit_matrices_on_random_factors():
+    rng = np.random.default_rng(5)
+    mu, var = rng.normal(size=(2, 6, 3)), rng.uniform(0.2, 2.0, (2, 6, 3))
+    u = rng.normal(size=(2, 6, 3, 2))
+    mask = np.ones((2, 6))
+    mask[1, 4:] = 0
+    for t in range(2):  # numpy, factor by factor: P_n = diag(1/var_n) + u_n u_n^T
+        precisions = [np.diag(1 / var[t, n]) + u[t, n] @ u[t, n].T for n in range(6) if mask[t, n]]
+        infos = [p @ mu[t, n] for n, p in zip(np.flatnonzero(mask[t]), precisions, strict=True)]
+        cov = np.linalg.inv(sum(precisions))
+        post_mu, post_cov = product_of_lowrank_gaussians(
+            *(torch.tensor(x) for x in (mu, var, u, mask)))
+        np.testing.assert_allclose(post_mu[t].numpy(), cov @ sum(infos), rtol=1e-10)
+        np.testing.assert_allclose(post_cov[t].numpy(), cov, rtol=1e-10, atol=1e-12)
+
+
+def test_lowrank_posterior_sample_and_kl_have_exact_gradients():
+    g = torch.Generator().manual_seed(6)
+    mu = torch.randn(2, 4, 3, generator=g, dtype=torch.float64).requires_grad_()
+    var = (torch.rand(2, 4, 3, generator=g, dtype=torch.float64) + 0.3).requires_grad_()
+    u = torch.randn(2, 4, 3, 1, generator=g, dtype=torch.float64).requires_grad_()
+
+    def sample(mu, var, u):  # the same eps every call: sample_z is then a smooth function
+        post_mu, cov = product_of_lowrank_gaussians(mu, var, u)
+        return sample_z(post_mu, cov, torch.Generator().manual_seed(0))
+
+    def kl(mu, var, u):
+        return kl_to_standard_normal(*product_of_lowrank_gaussians(mu, var, u))
+
+    assert torch.autograd.gradcheck(sample, (mu, var, u), atol=1e-5)
+    assert torch.autograd.gradcheck(kl, (mu, var, u), atol=1e-5)
+
+
+def test_covariance_factor_jitter_is_relative_to_each_variance():
+    cov = torch.diag(torch.tensor([1e-6, 1.0, 4.0], dtype=torch.float64))
+    cov[1, 2] = cov[2, 1] = 1.5
+    low = covariance_factor(cov)
+    torch.testing.assert_close(low @ low.T, cov + 1e-6 * torch.diag(cov.diagonal()),
+                               rtol=1e-12, atol=1e-15)
+
+
+def test_lowrank_factors_need_the_information_bottleneck():
+    import pytest
+
+    with pytest.raises(ValueError, match="rank > 0 needs information_bottleneck=True"):
+        ContextEncoder(4, 2, 8, information_bottleneck=False, rank=1)

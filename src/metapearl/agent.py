@@ -89,7 +89,8 @@ class PEARLAgent(nn.Module):
         return torch.cat(parts, dim=-1)
 
     def posterior(self, context: torch.Tensor, mask: torch.Tensor | None = None):
-        """q(z | c) per task: context (tasks, n, context_dim) -> (mu, var), each (tasks, latent)."""
+        """q(z | c) per task: context (tasks, n, context_dim) -> (mu, var), mu (tasks, latent),
+        var (tasks, latent) or, with factor_rank > 0, a covariance (tasks, latent, latent)."""
         return self.encoder(context, mask)
 
     def prior(self, tasks: int) -> tuple[torch.Tensor, torch.Tensor]:

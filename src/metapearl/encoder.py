@@ -16,7 +16,7 @@ from metapearl.config import ENCODERS
 from metapearl.networks import LAST_LAYER_INIT, MLP
 
 MIN_VARIANCE = 1e-7
-JITTER = 1e-6  # relative diagonal jitter before factoring a full covariance (see covariance_factor)
+JITTER = 1e-6  # relative jitter of each variance before factoring a covariance (covariance_factor)
 
 
 def product_of_gaussians(
@@ -68,13 +68,15 @@ def product_of_lowrank_gaussians(
 
 
 def covariance_factor(cov: torch.Tensor) -> torch.Tensor:
-    """Lower Cholesky factor L of a covariance (..., d, d), cov ~ L L^T, in float64 after adding
-    JITTER x its mean variance to the diagonal: a very confident posterior's float32 covariance
-    can be indefinite by rounding alone."""
+    """Lower Cholesky factor L of a covariance S (..., d, d), in float64, with
+    L L^T = S + JITTER diag(S): a very confident posterior's float32 covariance can be indefinite
+    by rounding alone. The jitter is relative to each variance, so a dimension the posterior pins
+    down is not widened by the others (the correlation matrix is factored, then rescaled)."""
     c = cov.double()
-    scale = c.diagonal(dim1=-2, dim2=-1).mean(dim=-1)[..., None, None]
+    std = c.diagonal(dim1=-2, dim2=-1).sqrt()
+    corr = c / (std.unsqueeze(-1) * std.unsqueeze(-2))
     eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
-    return torch.linalg.cholesky(c + JITTER * scale * eye)
+    return std.unsqueeze(-1) * torch.linalg.cholesky(corr + JITTER * eye)
 
 
 def marginal_variance(var: torch.Tensor) -> torch.Tensor:
@@ -109,6 +111,8 @@ class ContextEncoder(nn.Module):
     def __init__(self, context_dim: int, latent: int, hidden: int, information_bottleneck: bool,
                  rank: int = 0):
         super().__init__()
+        if rank and not information_bottleneck:
+            raise ValueError("rank > 0 needs information_bottleneck=True (it shapes Gaussian factors)")
         self.latent, self.rank = latent, rank
         self.information_bottleneck = information_bottleneck
         self.full_covariance = rank > 0
@@ -118,7 +122,8 @@ class ContextEncoder(nn.Module):
     def forward(
         self, context: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """context: (tasks, n, context_dim), mask: (tasks, n) or None -> (mu, var), each (tasks, latent)."""
+        """context: (tasks, n, context_dim), mask: (tasks, n) or None -> (mu, var): mu (tasks,
+        latent), var (tasks, latent), or with rank > 0 the covariance (tasks, latent, latent)."""
         tasks = context.shape[0]
         if context.shape[1] == 0:
             return prior(tasks, self.latent, context.device, self.information_bottleneck,
