@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from metapearl.agent import PEARLAgent
@@ -294,7 +295,5 @@ def test_covariance_factor_jitter_is_relative_to_each_variance():
 
 
 def test_lowrank_factors_need_the_information_bottleneck():
-    import pytest
-
     with pytest.raises(ValueError, match="rank > 0 needs information_bottleneck=True"):
         ContextEncoder(4, 2, 8, information_bottleneck=False, rank=1)
