@@ -41,6 +41,10 @@ def test_point_robot_context_scores_every_way(runs):
     # 20 steps from [-1,1]^2, at most 0.1 per coordinate each, goal in [-1,1]^2: every distance
     # is below 4 sqrt(2)
     assert all(-20 * 4 * 2**0.5 < float(value) <= 0.0 for _, value in scores)
+    # the goal-aware oracle on the run's 3 test tasks: about -5.2 over all goals, and no agent
+    # beats it (here a barely trained one)
+    oracle = float(re.search(r"goal-aware oracle on these tasks (-\d+\.\d\d)", out).group(1))
+    assert -9.0 < oracle < -2.0 and all(oracle > float(value) for _, value in scores)
 
 
 def test_sparse_exploration_splits_success_by_prior_phase_hits(runs):
