@@ -185,3 +185,16 @@ def test_plot_of_runs_without_checkpoint_or_evaluation(sparse_runs, tmp_path, ca
     assert main(["plot", str(run), "--out", str(tmp_path / "figs"), "--tasks", "0"]) == 2
     err = capsys.readouterr().err
     assert "has no test-task evaluation in eval/adaptation.csv yet" in err and "Traceback" not in err
+
+
+def test_learning_curve_title_says_what_the_band_is(sparse_runs, tmp_path, monkeypatch):
+    from metapearl import plots
+
+    titles = []
+    monkeypatch.setattr(plots, "_save", lambda fig, stem, **kw: titles.append(
+        fig.axes[0].get_title()) or [])
+    for groups in ({"one": sparse_runs[:1]}, {"a": sparse_runs[:1], "b": sparse_runs[3:]},
+                   {"seeds": sparse_runs[:3]}):
+        plots.learning_curves(groups, tmp_path / "lc")
+    assert titles == ["Learning curve", "Learning curves",
+                      "Learning curves: mean and +-1 std over seeds"]

@@ -123,7 +123,9 @@ def learning_curves(groups: Groups, stem: Path, name: str = RETURN) -> list[Path
     ax.set_xlabel("meta-training env steps")
     ax.set_ylabel({RETURN: "meta-test return (last adaptation trajectory)",
                    SUCCESS: "meta-test success rate"}.get(name, name))
-    ax.set_title("Learning curves: mean and +-1 std over seeds")
+    several = any(len(runs) > 1 for runs in groups.values())
+    ax.set_title("Learning curves: mean and +-1 std over seeds" if several else "Learning curve"
+                 + ("s" if len(groups) > 1 else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, stem)
