@@ -13,7 +13,9 @@ TINY = dict(
     num_tasks_sample=2, num_steps_prior=20, num_steps_posterior=20,
     num_extra_rl_steps_posterior=20, num_train_steps_per_itr=3, num_steps_per_eval=40,
     num_evals=1, max_path_length=10,
-    factor_rank=0,  # the paper's diagonal factors (point-robot's default preset has rank 1)
+    # the paper's diagonal factors and independent context transitions (point-robot's default
+    # preset has rank-1 factors with bounded u and context_trajectories)
+    factor_rank=0, factor_u_bound=0.0, context_trajectories=False,
 )
 
 

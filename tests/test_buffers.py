@@ -153,22 +153,39 @@ def test_sequence_batches_follow_fifo_wraparound():
     assert np.array_equal(copy.starts, buf.starts)
 
 
-def test_rnn_traj_trainer_draws_contiguous_rl_and_context_batches(tiny_config, tmp_path):
-    cfg = tiny_config("point-robot", encoder="rnn-traj", batch_size=12, embedding_batch_size=10)
-    tr = Trainer(cfg, tmp_path / "run", progress=False)
+def _drawn_batches(cfg, run_dir):
+    """The (RL, context) batches of one iteration's gradient steps."""
+    tr = Trainer(cfg, run_dir, progress=False)
     tr.collect_iteration_data()
     drawn = []
     real = tr.update.step
     tr.update.step = lambda rl, ctx, g: drawn.append((rl, ctx)) or real(rl, ctx, g)
     tr.train_steps_for_iteration()
     assert len(drawn) == cfg.num_train_steps_per_itr
-    for rl, ctx in drawn:
-        for batch in (rl, ctx):  # consecutive rows: each next obs is the following row's obs
-            same_traj = batch.next_obs[:, :-1] == batch.obs[:, 1:]
-            boundary = ~same_traj.all(dim=-1)
-            # a break only where a trajectory ends (every max_path_length rows from the start)
-            pos = torch.nonzero(boundary)[:, 1] + 1
-            assert torch.all(pos % cfg.max_path_length == 0)
+    return drawn
+
+
+def _whole_trajectories(batch, max_path_length) -> bool:
+    """Consecutive rows (each next obs is the following row's obs), broken only where a
+    trajectory ends, every max_path_length rows from the start."""
+    boundary = ~(batch.next_obs[:, :-1] == batch.obs[:, 1:]).all(dim=-1)
+    return bool(torch.all((torch.nonzero(boundary)[:, 1] + 1) % max_path_length == 0))
+
+
+def test_rnn_traj_trainer_draws_contiguous_rl_and_context_batches(tiny_config, tmp_path):
+    cfg = tiny_config("point-robot", encoder="rnn-traj", batch_size=12, embedding_batch_size=10)
+    for rl, ctx in _drawn_batches(cfg, tmp_path / "run"):
+        assert _whole_trajectories(rl, cfg.max_path_length)
+        assert _whole_trajectories(ctx, cfg.max_path_length)
+
+
+def test_context_trajectories_make_only_the_context_batch_contiguous(tiny_config, tmp_path):
+    sizes = dict(batch_size=20, embedding_batch_size=20, num_train_steps_per_itr=5)
+    drawn = _drawn_batches(tiny_config(context_trajectories=True, **sizes), tmp_path / "seq")
+    assert all(_whole_trajectories(ctx, 10) for _, ctx in drawn)
+    assert not any(_whole_trajectories(rl, 10) for rl, _ in drawn)  # the RL batch stays i.i.d.
+    drawn = _drawn_batches(tiny_config(context_trajectories=False, **sizes), tmp_path / "iid")
+    assert not any(_whole_trajectories(ctx, 10) for _, ctx in drawn)
 
 
 def test_sequence_batches_without_a_fitting_start_take_the_newest_rows():

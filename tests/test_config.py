@@ -49,7 +49,8 @@ def test_paper_preset_is_spec_section_7(family):
     cfg = make_config(family, "paper").to_dict()
     # the paper's model: diagonal Gaussian factors (factor_rank 0), the pog encoder
     expected = {**SPEC_DEFAULTS, "use_next_obs_in_context": False, "factor_rank": 0,
-                "encoder": "pog", **SPEC_PAPER[family]}
+                "encoder": "pog", "context_trajectories": False, "factor_u_bound": 0.0,
+                **SPEC_PAPER[family]}
     for key, value in expected.items():
         assert cfg[key] == value, key
     assert cfg["use_information_bottleneck"]
@@ -158,8 +159,23 @@ def test_factor_rank_needs_the_stochastic_pog_encoder(tiny_config):
     for bad in ({"encoder": "rnn-tran"}, {"use_information_bottleneck": False}):
         with pytest.raises(ConfigError, match="factor_rank > 0 needs the pog encoder"):
             tiny_config(factor_rank=1, **bad)
+    assert tiny_config(factor_rank=1, factor_u_bound=5).factor_u_bound == 5.0
+    with pytest.raises(ConfigError, match="factor_u_bound must be >= 0, got -1.0"):
+        tiny_config(factor_rank=1, factor_u_bound=-1)
+    with pytest.raises(ConfigError, match="with factor_rank 0 set factor_u_bound=0"):
+        tiny_config(factor_u_bound=10)
+    with pytest.raises(ConfigError, match="--set factor_rank=0 --set factor_u_bound=0"):
+        make_config("point-robot", "default", {"encoder": "rnn-tran"})
     with pytest.raises(ConfigError, match="cuda_graphs supports diagonal factors only"):
         tiny_config(factor_rank=1, cuda_graphs=True, device="cuda")
+
+
+def test_context_trajectories_need_a_context_batch_of_their_own(tiny_config):
+    assert tiny_config(context_trajectories=True, context_sampler="off-policy").context_trajectories
+    with pytest.raises(ConfigError, match="off-policy-rl-batch sampler reuses the RL batch"):
+        tiny_config(context_trajectories=True, context_sampler="off-policy-rl-batch")
+    with pytest.raises(ConfigError, match="cuda_graphs samples independent transitions only"):
+        tiny_config(context_trajectories=True, cuda_graphs=True, device="cuda")
 
 
 def test_cuda_graphs_need_a_cuda_device_and_the_pog_encoder(tiny_config):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from metapearl.agent import PEARLAgent
+from metapearl.config import make_config
 from metapearl.encoder import (
     ContextEncoder,
     RecurrentEncoder,
@@ -297,3 +298,23 @@ def test_covariance_factor_jitter_is_relative_to_each_variance():
 def test_lowrank_factors_need_the_information_bottleneck():
     with pytest.raises(ValueError, match="rank > 0 needs information_bottleneck=True"):
         ContextEncoder(4, 2, 8, information_bottleneck=False, rank=1)
+
+
+def test_factor_u_bound_squashes_each_element_of_u():
+    torch.manual_seed(0)
+    ctx = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(6))
+    free = ContextEncoder(4, 2, 8, information_bottleneck=True, rank=1)
+    torch.nn.init.normal_(free.net.linears[-1].weight, std=10.0)  # u elements beyond the bound
+    bounded = ContextEncoder(4, 2, 8, information_bottleneck=True, rank=1, u_bound=2.0)
+    bounded.load_state_dict(free.state_dict())
+    out = free.net(ctx)
+    mu_n, raw, u = out.split([2, 2, 2], dim=-1)
+    assert u.abs().max() > 3.0  # beyond the bound of 2
+    squashed = 2.0 * torch.tanh(u / 2.0)  # by hand: |element| < 2, about u where |u| << 2
+    expected = product_of_lowrank_gaussians(mu_n, torch.nn.functional.softplus(raw),
+                                            squashed.unsqueeze(-1))
+    for got, want in zip(bounded(ctx), expected, strict=True):
+        torch.testing.assert_close(got, want)
+    assert not torch.allclose(free(ctx)[0], expected[0])
+    cfg = make_config("point-robot", "default")
+    assert PEARLAgent.from_config(cfg, 2, 2).encoder.u_bound == cfg.factor_u_bound == 10.0

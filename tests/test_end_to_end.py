@@ -74,9 +74,10 @@ def _train_until_third_checkpoint(cfg, run_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("model", [{"encoder": "pog", "factor_rank": 0},
-                                   {"encoder": "pog", "factor_rank": 1},
+                                   {"encoder": "pog", "factor_rank": 1,
+                                    "context_trajectories": True, "factor_u_bound": 10.0},
                                    {"encoder": "rnn-tran"}, {"encoder": "rnn-traj"}],
-                         ids=["pog", "pog-rank1", "rnn-tran", "rnn-traj"])
+                         ids=["pog", "point-robot-default-model", "rnn-tran", "rnn-traj"])
 def test_interrupted_run_resumes_to_the_same_numbers(model, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config(num_iterations=4, **model)
     train(cfg, tmp_path / "whole", progress=False)

@@ -53,6 +53,11 @@ class PEARLConfig:
         0, "pog encoder: rank of a low-rank term added to each factor's diagonal precision, so a "
         "transition can say 'z lies near a tilted plane' (0: diagonal factors, the paper's)"
     )
+    factor_u_bound: float = _f(
+        0.0, "factor_rank > 0: squash each element of the low-rank term u to (-b, b) by "
+        "b tanh(u / b), so nearly parallel factors cannot put the posterior mean far away "
+        "(0: unbounded)"
+    )
     # losses (SPEC section 3)
     meta_batch: int = _f(16, "training tasks per gradient step")
     batch_size: int = _f(256, "RL batch: transitions per task per gradient step")
@@ -77,6 +82,11 @@ class PEARLConfig:
     num_train_steps_per_itr: int = _f(2000, "gradient steps per iteration")
     context_sampler: str = _f(
         "recent", "context source: recent (encoder buffer), off-policy, off-policy-rl-batch"
+    )
+    context_trajectories: bool = _f(
+        False, "each gradient step's context batch as whole trajectories in collection order, "
+        "the shape of the meta-test's context, instead of independent transitions (ours; "
+        "point-robot's default preset)"
     )
     replay_buffer_size: int = _f(1_000_000, "maximum transitions kept per task (FIFO beyond)")
     # meta-test (SPEC section 5)
@@ -172,7 +182,18 @@ class PEARLConfig:
             raise ConfigError("factor_rank > 0 needs the pog encoder with "
                               "use_information_bottleneck=true (it shapes Gaussian factors); "
                               "point-robot's default preset has factor_rank 1: add "
-                              "--set factor_rank=0")
+                              "--set factor_rank=0 --set factor_u_bound=0")
+        if self.factor_u_bound < 0:
+            raise ConfigError(f"factor_u_bound must be >= 0, got {self.factor_u_bound}")
+        if self.factor_u_bound and not self.factor_rank:
+            raise ConfigError("factor_u_bound bounds the low-rank term of factor_rank > 0; with "
+                              "factor_rank 0 set factor_u_bound=0")
+        if self.context_trajectories and self.context_sampler == "off-policy-rl-batch":
+            raise ConfigError("context_trajectories needs its own context batch: the "
+                              "off-policy-rl-batch sampler reuses the RL batch")
+        if self.context_trajectories and self.cuda_graphs:
+            raise ConfigError("cuda_graphs samples independent transitions only "
+                              "(context_trajectories false)")
         if self.factor_rank and self.cuda_graphs:
             raise ConfigError("cuda_graphs supports diagonal factors only (factor_rank 0)")
         return self
@@ -272,9 +293,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             # Factors with a rank-1 precision term (our extension, encoder.py): a transition's
             # "goal on a circle around s'" is a plane in (goal, |goal|^2) that diagonal factors
             # cannot hold; with diagonal ones the meta-test return stalls near -10 (README).
-            # Context batches of 40, the size of the context the scored trajectory acts on.
+            # Context batches of 2 whole trajectories, the context the scored trajectory acts on
+            # (independent transitions from 10 trajectories train the encoder on richer context
+            # than the meta-test gives it), with u bounded: unbounded, such contexts made the
+            # critic blow up in most runs (README).
             net_size=64, encoder_size=200, batch_size=64, lr=1e-3, discount=0.9,
-            reward_scale=100.0, factor_rank=1,
+            reward_scale=100.0, factor_rank=1, context_trajectories=True, factor_u_bound=10.0,
         ),
     },
     "sparse-point-robot": {

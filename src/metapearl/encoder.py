@@ -103,17 +103,20 @@ class ContextEncoder(nn.Module):
     diag(1/sigma2_n) + u_n u_n^T and the posterior covariance a full matrix (our extension: a
     point-robot transition says "the goal lies on a circle of radius |r| around s'", a plane in
     (goal, |goal|^2) that diagonal factors cannot express; see README). The outputs start near
-    zero, so training starts from nearly diagonal factors.
+    zero, so training starts from nearly diagonal factors. With ``u_bound`` > 0 each element of
+    u is squashed to (-u_bound, u_bound) by u_bound * tanh(u / u_bound): a product of factors
+    with large, nearly parallel u extrapolates its mean far outside the factors' means, and the
+    critic then meets z it was never trained on (README, point-robot).
     With ``use_information_bottleneck=False`` the encoder outputs `latent` numbers per transition,
     the posterior mean is their mean over the context and its variance is zero (deterministic z).
     """
 
     def __init__(self, context_dim: int, latent: int, hidden: int, information_bottleneck: bool,
-                 rank: int = 0):
+                 rank: int = 0, u_bound: float = 0.0):
         super().__init__()
         if rank and not information_bottleneck:
             raise ValueError("rank > 0 needs information_bottleneck=True (it shapes Gaussian factors)")
-        self.latent, self.rank = latent, rank
+        self.latent, self.rank, self.u_bound = latent, rank, u_bound
         self.information_bottleneck = information_bottleneck
         self.full_covariance = rank > 0
         self.net = MLP(context_dim, hidden,
@@ -132,6 +135,8 @@ class ContextEncoder(nn.Module):
         if self.full_covariance:
             mu, raw, u = out.split([self.latent, self.latent, self.rank * self.latent], dim=-1)
             u = u.unflatten(-1, (self.latent, self.rank))
+            if self.u_bound > 0:
+                u = self.u_bound * torch.tanh(u / self.u_bound)
             return product_of_lowrank_gaussians(mu, F.softplus(raw), u, mask)
         if self.information_bottleneck:
             mu, raw = out.split(self.latent, dim=-1)
@@ -200,13 +205,14 @@ class RecurrentEncoder(nn.Module):
 
 
 def make_encoder(kind: str, context_dim: int, latent: int, hidden: int,
-                 information_bottleneck: bool, bptt_steps: int = 0, factor_rank: int = 0
-                 ) -> nn.Module:
-    """The encoder of config field `encoder`: `pog` (with `factor_rank`), or `rnn-tran` /
-    `rnn-traj` (a GRU; the two differ in how the trainer samples their batches, not in the
-    network)."""
+                 information_bottleneck: bool, bptt_steps: int = 0, factor_rank: int = 0,
+                 factor_u_bound: float = 0.0) -> nn.Module:
+    """The encoder of config field `encoder`: `pog` (with `factor_rank` and `factor_u_bound`), or
+    `rnn-tran` / `rnn-traj` (a GRU; the two differ in how the trainer samples their batches, not
+    in the network)."""
     if kind == "pog":
-        return ContextEncoder(context_dim, latent, hidden, information_bottleneck, factor_rank)
+        return ContextEncoder(context_dim, latent, hidden, information_bottleneck, factor_rank,
+                              factor_u_bound)
     if kind in ("rnn-tran", "rnn-traj"):
         return RecurrentEncoder(context_dim, latent, hidden, information_bottleneck, bptt_steps)
     raise ValueError(f"unknown encoder {kind!r}; known: {', '.join(ENCODERS)}")

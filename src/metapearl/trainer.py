@@ -290,7 +290,8 @@ class Trainer:
                               device=self.device)
         rl = self.rl_buffer.sample(tasks, cfg.batch_size, self.gen, self.sequence_batches)
         context = sample_context(cfg.context_sampler, self.rl_buffer, self.enc_buffer, tasks,
-                                 cfg.embedding_batch_size, self.gen, rl, self.sequence_batches)
+                                 cfg.embedding_batch_size, self.gen, rl,
+                                 self.sequence_batches or cfg.context_trajectories)
         return rl, context
 
     def train_steps_for_iteration(self) -> torch.Tensor:
