@@ -181,11 +181,13 @@ def test_rnn_traj_trainer_draws_contiguous_rl_and_context_batches(tiny_config, t
 
 def test_context_trajectories_make_only_the_context_batch_contiguous(tiny_config, tmp_path):
     sizes = dict(batch_size=20, embedding_batch_size=20, num_train_steps_per_itr=5)
-    drawn = _drawn_batches(tiny_config(context_trajectories=True, **sizes), tmp_path / "seq")
-    assert all(_whole_trajectories(ctx, 10) for _, ctx in drawn)
-    assert not any(_whole_trajectories(rl, 10) for rl, _ in drawn)  # the RL batch stays i.i.d.
+    cfg = tiny_config(context_trajectories=True, **sizes)
+    drawn = _drawn_batches(cfg, tmp_path / "seq")
+    assert all(_whole_trajectories(ctx, cfg.max_path_length) for _, ctx in drawn)
+    # the RL batch stays i.i.d.
+    assert not any(_whole_trajectories(rl, cfg.max_path_length) for rl, _ in drawn)
     drawn = _drawn_batches(tiny_config(context_trajectories=False, **sizes), tmp_path / "iid")
-    assert not any(_whole_trajectories(ctx, 10) for _, ctx in drawn)
+    assert not any(_whole_trajectories(ctx, cfg.max_path_length) for _, ctx in drawn)
 
 
 def test_sequence_batches_without_a_fitting_start_take_the_newest_rows():
