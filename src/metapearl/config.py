@@ -106,7 +106,7 @@ class PEARLConfig:
     cpu_gemm: str = _f(
         "auto", "on CPU, the library of the networks' large matmuls: numpy (its BLAS on "
         "torch_threads threads, torch's other ops on one), torch (all on torch_threads threads), "
-        "or auto (numpy for updates of at least 16 x 256 rows x 300^2, torch below; see "
+        "or auto (numpy for updates of at least 16 x 256 rows x 300^2 on an AMD CPU, else torch; see "
         "metapearl/cpu.py); a CUDA run always uses torch"
     )
     cuda_graphs: bool = _f(

@@ -9,14 +9,27 @@ least `NUMPY_GEMM_MIN_MACS` multiply-accumulates go through numpy (`networks.lin
 same two cores made the step 3x slower); smaller matmuls stay in torch, whose calls cost less.
 With one torch thread for everything else this pays only for large updates: the paper cheetah-vel
 step (16 x 256 rows, 300 wide) ran ~1.3x faster, 8 x 256 rows the same, and the small default
-presets 13-28% slower. So `cpu_gemm = "auto"` (the default) takes numpy when the RL batch's hidden
-matmul (meta_batch * batch_size * net_size^2 MACs) reaches `AUTO_NUMPY_MIN_MACS`, torch otherwise.
+presets 13-28% slower. On an Intel Xeon (Sapphire Rapids, AVX-512), MKL's own ground, the same paper
+step was instead 1.25-1.3x *slower* through numpy (192 against 148 ms), numpy's OpenBLAS being no
+faster there than MKL and torch's other ops losing their second thread. So `cpu_gemm = "auto"` (the
+default) takes numpy only on an AMD CPU and when the RL batch's hidden matmul
+(meta_batch * batch_size * net_size^2 MACs) reaches `AUTO_NUMPY_MIN_MACS`; torch otherwise.
 `cpu_gemm = "torch"` keeps everything in torch, on `torch_threads` threads.
+
+Memory: a step allocates and frees a few dozen activation tensors of several MB each. glibc serves
+them by fresh mmaps or returns them to the system when freed, so every step page-faulted ~2,000-9,000
+times (the pages then cleared by the kernel): ~6% of the paper step on the Xeon. A CPU run therefore
+has glibc keep freed memory for reuse (`keep_freed_memory`); the run's peak memory is unchanged.
 
 These settings are process-wide, as torch's thread count is: a Trainer applies its run's.
 """
 
 from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import platform
+from functools import cache
 
 import numpy  # noqa: F401  (loads the BLAS that threadpoolctl looks for)
 import torch
@@ -25,6 +38,11 @@ from threadpoolctl import threadpool_info, threadpool_limits
 CPU_GEMMS = ("auto", "numpy", "torch")
 NUMPY_GEMM_MIN_MACS = 1 << 22  # below ~4M multiply-accumulates torch's lower call overhead wins
 AUTO_NUMPY_MIN_MACS = 1 << 28  # 268M: above 8 x 256 x 300^2 (no gain), below 16 x 256 x 300^2
+AUTO_NUMPY_VENDORS = ("AuthenticAMD",)  # the CPUs on which numpy's BLAS was measured faster
+# glibc's mallopt parameters, and what they are set to: allocations below 64 MB come from the heap,
+# and the heap is not trimmed back to the system
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+KEEP_BELOW_BYTES = 1 << 26
 # each library's own default thread count, used for threads=0
 _DEFAULT_TORCH_THREADS = torch.get_num_threads()
 _DEFAULT_BLAS_THREADS = max([p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"],
@@ -39,13 +57,41 @@ def numpy_gemm_enabled() -> bool:
 
 
 def configure_for(cfg) -> None:
-    """Apply a run config's CPU settings: its `cpu_gemm` ("auto": numpy for a large update on
-    CPU, torch otherwise) and its `torch_threads`."""
+    """Apply a run config's CPU settings: its `cpu_gemm` ("auto": numpy for a large update on an
+    AMD CPU, torch otherwise) and its `torch_threads`; on CPU also `keep_freed_memory`."""
     gemm = cfg.cpu_gemm if cfg.device == "cpu" else "torch"
     if gemm == "auto":
         macs = cfg.meta_batch * cfg.batch_size * cfg.net_size ** 2
-        gemm = "numpy" if macs >= AUTO_NUMPY_MIN_MACS else "torch"
+        large = macs >= AUTO_NUMPY_MIN_MACS
+        gemm = "numpy" if large and cpu_vendor() in AUTO_NUMPY_VENDORS else "torch"
     configure(gemm, cfg.torch_threads)
+    if cfg.device == "cpu":
+        keep_freed_memory()
+
+
+@cache
+def cpu_vendor() -> str:
+    """The CPU's vendor as /proc/cpuinfo names it ("GenuineIntel", "AuthenticAMD"), else ""."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@cache
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory for the process's next allocations (see the module's doc):
+    allocations below KEEP_BELOW_BYTES come from the heap, and the heap is never trimmed.
+    Returns whether it applied (glibc on Linux only); process-wide and for the process's life."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, KEEP_BELOW_BYTES)
+                and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))  # (mallopt takes a C int)
 
 
 def configure(cpu_gemm: str, threads: int = 0) -> None:
