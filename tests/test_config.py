@@ -183,3 +183,13 @@ def test_cuda_graphs_need_a_cuda_device_and_the_pog_encoder(tiny_config):
         tiny_config(cuda_graphs=True)
     with pytest.raises(ConfigError, match="cuda_graphs supports the pog encoder only, got 'rnn-tran'"):
         tiny_config(cuda_graphs=True, device="cuda", encoder="rnn-tran")
+
+
+def test_kl_lambda_schedule_gives_each_iteration_its_weight(tiny_config):
+    cfg = tiny_config(kl_lambda=0.05, kl_lambda_schedule="300:0.1, 500:0")
+    assert [cfg.kl_lambda_at(i) for i in (0, 299, 300, 499, 500, 10_000)] == [
+        0.05, 0.05, 0.1, 0.1, 0.0, 0.0]
+    assert tiny_config(kl_lambda=0.3).kl_lambda_at(1000) == 0.3  # no schedule
+    for bad in ("300", "300:x", "0:0.1", "300:0.1,200:0.2", "300:-1", "300:inf", "300:nan"):
+        with pytest.raises(ConfigError, match="kl_lambda_schedule"):
+            tiny_config(kl_lambda_schedule=bad)

@@ -183,3 +183,14 @@ def test_tensorboard_events_hold_the_progress_scalars_and_resume_purges(tiny_con
     assert [s.step for s in resumed] == [s.step for s in events.Scalars("Loss/qf")]
     np.testing.assert_allclose([s.value for s in resumed],
                                [s.value for s in events.Scalars("Loss/qf")], rtol=1e-6)
+
+
+def test_kl_lambda_schedule_changes_training_from_its_iteration_on(tiny_config, tmp_path):
+    cfg = dict(seed=4, num_iterations=3, kl_lambda=0.1)
+    train(tiny_config(**cfg), tmp_path / "a", progress=False)
+    train(tiny_config(**cfg, kl_lambda_schedule="2:50"), tmp_path / "b", progress=False)
+    a, b = _numbers(tmp_path / "a"), _numbers(tmp_path / "b")
+    assert a[:2] == b[:2]  # iterations 0 and 1: both at kl_lambda
+    # iteration 2's steps weigh the KL 500x more: the KL's gradient swamps the encoder's
+    grad = [float(r[2]["Grad/encoder"]) for r in (a, b)]
+    assert grad[1] > 10 * grad[0]

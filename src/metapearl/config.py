@@ -66,6 +66,11 @@ class PEARLConfig:
     soft_target_tau: float = _f(0.005, "Polyak rate of the target V network")
     reward_scale: float = _f(5.0, "reward multiplier in the critic target (acts as 1/alpha)")
     kl_lambda: float = _f(0.1, "weight of the KL(q(z|c) || N(0,I)) term")
+    kl_lambda_schedule: str = _f(
+        "", "later KL weights, as ITERATION:WEIGHT pairs separated by commas (e.g. 300:0.1): "
+        "from that meta-training iteration on the weight is WEIGHT instead of kl_lambda "
+        "(empty: kl_lambda throughout)"
+    )
     lr: float = _f(3e-4, "Adam learning rate of every network")
     policy_mean_reg_weight: float = _f(1e-3, "weight of mean(mu^2) in the policy loss")
     policy_std_reg_weight: float = _f(1e-3, "weight of mean(log_std^2) in the policy loss")
@@ -144,6 +149,7 @@ class PEARLConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self.kl_lambda_at(0)  # parses kl_lambda_schedule
         if self.seed >= SEED_LIMIT:
             raise ConfigError(f"seed must be < 2**32, got {self.seed}")
         for name in ("lr", "reward_scale"):
@@ -197,6 +203,28 @@ class PEARLConfig:
         if self.factor_rank and self.cuda_graphs:
             raise ConfigError("cuda_graphs supports diagonal factors only (factor_rank 0)")
         return self
+
+    def kl_lambda_at(self, iteration: int) -> float:
+        """The KL weight of a meta-training iteration: kl_lambda, or the kl_lambda_schedule
+        weight of the latest scheduled iteration <= `iteration`. Raises ConfigError for a
+        malformed schedule."""
+        weight, last = self.kl_lambda, 0
+        for item in filter(None, (x.strip() for x in self.kl_lambda_schedule.split(","))):
+            try:
+                at, value = item.split(":")
+                at, value = int(at), float(value)
+            except ValueError:
+                raise ConfigError(
+                    f"kl_lambda_schedule must be ITERATION:WEIGHT pairs separated by commas, "
+                    f"e.g. 300:0.1; got {self.kl_lambda_schedule!r}") from None
+            if at <= last or not value >= 0 or value == float("inf"):
+                raise ConfigError(
+                    f"kl_lambda_schedule needs increasing iterations >= 1 and finite weights "
+                    f">= 0; got {self.kl_lambda_schedule!r}")
+            last = at
+            if at <= iteration:
+                weight = value
+        return weight
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

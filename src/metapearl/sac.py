@@ -66,6 +66,8 @@ class PEARLUpdate:
             self.optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=True, **extra)
         except RuntimeError:  # torch < 2.4 has no fused Adam on CPU: the same update, unfused
             self.optimizer = torch.optim.Adam(params, lr=cfg.lr, foreach=True, **extra)
+        # a tensor, so that a CUDA graph captured with it reads its current value (graphs.py)
+        self.kl_lambda = torch.tensor(cfg.kl_lambda, device=params[0].device)
         self._vf_params = list(critics.vf.parameters())
         self._target_params = list(critics.target_vf.parameters())
 
@@ -112,12 +114,16 @@ class PEARLUpdate:
             + cfg.policy_std_reg_weight * log_std.pow(2).mean()
         )
 
-        total = loss_q + cfg.kl_lambda * kl + loss_v + loss_pi
+        total = loss_q + self.kl_lambda * kl + loss_v + loss_pi
         stats = torch.stack([
             loss_q, loss_v, loss_pi, kl, q.mean(), v.mean(), log_pi.mean(), mu.abs().mean(),
             marginal_variance(var).mean(),
         ]).detach()
         return total, stats
+
+    def set_kl_lambda(self, weight: float) -> None:
+        """The KL weight of the coming steps (`PEARLConfig.kl_lambda_at`)."""
+        self.kl_lambda.fill_(weight)
 
     def grad_norms(self) -> torch.Tensor:
         """L2 norms of the current gradients of the encoder, policy, Q ensemble and V.

@@ -347,6 +347,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.env_steps += self.collect_iteration_data()
         t1 = time.perf_counter()
+        self.update.set_kl_lambda(cfg.kl_lambda_at(it))
         stats = self.train_steps_for_iteration().tolist()
         t2 = time.perf_counter()
         metrics: dict[str, float | None] = dict.fromkeys(
