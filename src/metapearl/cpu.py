@@ -18,8 +18,9 @@ default) takes numpy only on an AMD CPU and when the RL batch's hidden matmul
 
 Memory: a step allocates and frees a few dozen activation tensors of several MB each. glibc serves
 them by fresh mmaps or returns them to the system when freed, so every step page-faulted ~2,000-9,000
-times (the pages then cleared by the kernel): ~6% of the paper step on the Xeon. A CPU run therefore
-has glibc keep freed memory for reuse (`keep_freed_memory`); the run's peak memory is unchanged.
+times (the pages then cleared by the kernel): 3-6% of the paper step on the Xeon. A CPU run
+therefore has glibc keep freed memory for reuse (`keep_freed_memory`); its resident memory then
+stays near its peak between steps instead of shrinking.
 
 These settings are process-wide, as torch's thread count is: a Trainer applies its run's.
 """
