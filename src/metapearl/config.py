@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,7 +218,7 @@ class PEARLConfig:
                 raise ConfigError(
                     f"kl_lambda_schedule must be ITERATION:WEIGHT pairs separated by commas, "
                     f"e.g. 300:0.1; got {self.kl_lambda_schedule!r}") from None
-            if at <= last or not value >= 0 or value == float("inf"):
+            if at <= last or not (math.isfinite(value) and value >= 0):
                 raise ConfigError(
                     f"kl_lambda_schedule needs increasing iterations >= 1 and finite weights "
                     f">= 0; got {self.kl_lambda_schedule!r}")
