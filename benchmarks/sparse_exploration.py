@@ -6,9 +6,11 @@ Runs the meta-test (SPEC section 5) on every test task of a run through the depl
 context, until `num_steps_per_eval` steps. Prints the success rate of the last trajectory split by
 whether a prior-phase trajectory reached the goal radius, how many tasks ever reach it, the
 posterior variance after the prior phase, and how far apart the trajectories of each phase end
-(the spread of their end angles on the half circle of goals):
+(the spread of their end angles on the half circle of goals). `--trace` also prints, for each
+meta-test whose prior phase found nothing, the goal's angle and every trajectory's end angle in
+degrees, `H` marking those that reached the goal radius: where the posterior sends the agent.
 
-    python benchmarks/sparse_exploration.py runs/sparse-point-robot [--runs 3]
+    python benchmarks/sparse_exploration.py runs/sparse-point-robot [--runs 3] [--trace]
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def adapt(agent: PEARLAgent, env, cfg, seed: int) -> dict:
     angles = [float(np.arctan2(tr["next_obs"][-1, 1], tr["next_obs"][-1, 0]))
               for tr in trajectories]
     return {"prior_hit": any(reached[:k]), "ever": any(reached), "success": reached[-1],
+            "angles": angles, "reached": reached,
             "var": var_after_prior[0] if var_after_prior else None,
             "spread_prior": np.std(angles[:k]), "spread_posterior": np.std(angles[k:])}
 
@@ -52,6 +55,8 @@ def main() -> None:
     parser.add_argument("run_dir", help="a sparse-point-robot run (its latest checkpoint is used)")
     parser.add_argument("--runs", type=int, default=3, help="repetitions per test task")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trace", action="store_true",
+                        help="end angle of every trajectory of each fruitless prior phase")
     args = parser.parse_args()
     run = Path(args.run_dir)
     cfg = load_run_config(run)
@@ -63,10 +68,12 @@ def main() -> None:
     env = family.make_env()
     state = load_checkpoint(run, mmap=True)
     slots = []
+    goals = []
     for t, task in enumerate(state["test_tasks"]):
         family.set_task(env, task)
         slots += [adapt(agent, env, cfg, 1000 * (args.seed * 997 + t) + 50 * r)
                   for r in range(args.runs)]
+        goals += [np.degrees(np.arctan2(task["goal"][1], task["goal"][0]))] * args.runs
     col = lambda key, rows=slots: np.array([s[key] for s in rows], float)  # noqa: E731
     hit = col("prior_hit") == 1
     k = cfg.num_exp_traj_eval
@@ -83,6 +90,13 @@ def main() -> None:
                   f"prior 1)")
     print(f"  spread of end angles, prior phase       {col('spread_prior').mean():6.3f} rad")
     print(f"  spread of end angles, posterior phase   {col('spread_posterior').mean():6.3f} rad")
+    if args.trace:
+        print("fruitless prior phases: goal angle | end angle of each trajectory (deg, H = reached)")
+        for goal, slot in zip(goals, slots):
+            if not slot["prior_hit"]:
+                ends = [f"{np.degrees(a):4.0f}{'H' if hit else '.'}"
+                        for a, hit in zip(slot["angles"], slot["reached"])]
+                print(f"  goal {goal:4.0f} | {' '.join(ends[:k])} | {' '.join(ends[k:])}")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,13 @@ def test_sparse_exploration_splits_success_by_prior_phase_hits(runs):
                         r"any trajectory reached the goal)\s+(\d+\.\d)%", out, re.M)}
     assert len(rates) == 3 and rates["a prior trajectory reached the goal"] <= rates[
         "any trajectory reached the goal"]
+    # --trace: one line per fruitless prior phase, its 2 prior and 2 posterior trajectories
+    traced = _script("sparse_exploration.py", runs["sparse-point-robot"], "--runs", "2", "--trace")
+    lines = re.findall(r"^  goal +(-?\d+) \|((?: +-?\d+[.H]){2}) \|((?: +-?\d+[.H]){2})$",
+                       traced, re.M)
+    hit = float(re.search(r"a prior trajectory reached the goal\s+(\d+\.\d)%", traced).group(1))
+    assert len(lines) == round(6 * (1 - hit / 100))
+    assert all(0 <= int(goal) <= 180 and "H" not in prior for goal, prior, _ in lines)
     wrong = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sparse_exploration.py"),
                             str(runs["point-robot"])], capture_output=True, text=True)
     assert wrong.returncode == 2 and "is not a sparse-point-robot run" in wrong.stderr
