@@ -92,10 +92,10 @@ def main() -> None:
     print(f"  spread of end angles, posterior phase   {col('spread_posterior').mean():6.3f} rad")
     if args.trace:
         print("fruitless prior phases: goal angle | end angle of each trajectory (deg, H = reached)")
-        for goal, slot in zip(goals, slots):
+        for goal, slot in zip(goals, slots, strict=True):
             if not slot["prior_hit"]:
                 ends = [f"{np.degrees(a):4.0f}{'H' if hit else '.'}"
-                        for a, hit in zip(slot["angles"], slot["reached"])]
+                        for a, hit in zip(slot["angles"], slot["reached"], strict=True)]
                 print(f"  goal {goal:4.0f} | {' '.join(ends[:k])} | {' '.join(ends[k:])}")
 
 
