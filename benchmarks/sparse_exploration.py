@@ -68,12 +68,11 @@ def main() -> None:
     env = family.make_env()
     state = load_checkpoint(run, mmap=True)
     slots = []
-    goals = []
     for t, task in enumerate(state["test_tasks"]):
         family.set_task(env, task)
-        slots += [adapt(agent, env, cfg, 1000 * (args.seed * 997 + t) + 50 * r)
+        goal = float(np.degrees(np.arctan2(task["goal"][1], task["goal"][0])))
+        slots += [{**adapt(agent, env, cfg, 1000 * (args.seed * 997 + t) + 50 * r), "goal": goal}
                   for r in range(args.runs)]
-        goals += [np.degrees(np.arctan2(task["goal"][1], task["goal"][0]))] * args.runs
     col = lambda key, rows=slots: np.array([s[key] for s in rows], float)  # noqa: E731
     hit = col("prior_hit") == 1
     k = cfg.num_exp_traj_eval
@@ -92,11 +91,11 @@ def main() -> None:
     print(f"  spread of end angles, posterior phase   {col('spread_posterior').mean():6.3f} rad")
     if args.trace:
         print("fruitless prior phases: goal angle | end angle of each trajectory (deg, H = reached)")
-        for goal, slot in zip(goals, slots, strict=True):
+        for slot in slots:
             if not slot["prior_hit"]:
-                ends = [f"{np.degrees(a):4.0f}{'H' if hit else '.'}"
-                        for a, hit in zip(slot["angles"], slot["reached"], strict=True)]
-                print(f"  goal {goal:4.0f} | {' '.join(ends[:k])} | {' '.join(ends[k:])}")
+                ends = [f"{np.degrees(a):4.0f}{'H' if reached else '.'}"
+                        for a, reached in zip(slot["angles"], slot["reached"], strict=True)]
+                print(f"  goal {slot['goal']:4.0f} | {' '.join(ends[:k])} | {' '.join(ends[k:])}")
 
 
 if __name__ == "__main__":
