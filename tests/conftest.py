@@ -15,7 +15,7 @@ TINY = dict(
     num_evals=1, max_path_length=10,
     # the paper's diagonal factors and independent context transitions (point-robot's default
     # preset has rank-1 factors with bounded u and context_trajectories)
-    factor_rank=0, factor_u_bound=0.0, context_trajectories=False,
+    factor_rank=0, factor_u_bound=0.0, posterior_mean_bound=0.0, context_trajectories=False,
 )
 
 

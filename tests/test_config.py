@@ -50,7 +50,7 @@ def test_paper_preset_is_spec_section_7(family):
     # the paper's model: diagonal Gaussian factors (factor_rank 0), the pog encoder
     expected = {**SPEC_DEFAULTS, "use_next_obs_in_context": False, "factor_rank": 0,
                 "encoder": "pog", "context_trajectories": False, "factor_u_bound": 0.0,
-                **SPEC_PAPER[family]}
+                "posterior_mean_bound": 0.0, **SPEC_PAPER[family]}
     for key, value in expected.items():
         assert cfg[key] == value, key
     assert cfg["use_information_bottleneck"]
@@ -168,6 +168,14 @@ def test_factor_rank_needs_the_stochastic_pog_encoder(tiny_config):
         make_config("point-robot", "default", {"encoder": "rnn-tran"})
     with pytest.raises(ConfigError, match="cuda_graphs supports diagonal factors only"):
         tiny_config(factor_rank=1, cuda_graphs=True, device="cuda")
+
+
+def test_posterior_mean_bound_needs_the_pog_encoder(tiny_config):
+    assert tiny_config(posterior_mean_bound=3).posterior_mean_bound == 3.0
+    with pytest.raises(ConfigError, match="posterior_mean_bound must be >= 0, got -1.0"):
+        tiny_config(posterior_mean_bound=-1)
+    with pytest.raises(ConfigError, match="the rnn-traj encoder has none: set posterior_mean_b"):
+        tiny_config(posterior_mean_bound=3, encoder="rnn-traj")
 
 
 def test_context_trajectories_need_a_context_batch_of_their_own(tiny_config):

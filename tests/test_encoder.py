@@ -318,3 +318,23 @@ def test_factor_u_bound_squashes_each_element_of_u():
     assert not torch.allclose(free(ctx)[0], expected[0])
     cfg = make_config("point-robot", "default")
     assert PEARLAgent.from_config(cfg, 2, 2).encoder.u_bound == cfg.factor_u_bound == 10.0
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_posterior_mean_bound_squashes_each_element_of_the_mean(rank):
+    torch.manual_seed(0)
+    ctx = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(7))
+    free = ContextEncoder(4, 2, 8, information_bottleneck=True, rank=rank)
+    torch.nn.init.normal_(free.net.linears[-1].weight, std=10.0)  # factor means far out
+    bounded = ContextEncoder(4, 2, 8, information_bottleneck=True, rank=rank, mean_bound=2.0)
+    bounded.load_state_dict(free.state_dict())
+    mu, var = free(ctx)
+    assert mu.abs().max() > 3.0  # beyond the bound of 2
+    got_mu, got_var = bounded(ctx)
+    torch.testing.assert_close(got_mu, 2.0 * torch.tanh(mu / 2.0))  # by hand: b tanh(mu / b)
+    torch.testing.assert_close(got_var, var)  # the spread is the product's
+    assert got_mu.abs().max() < 2.0
+    empty = bounded(ctx[:, :0])  # no context: the prior, unchanged
+    torch.testing.assert_close(empty[0], torch.zeros(3, 2))
+    cfg = make_config("point-robot", "default")
+    assert PEARLAgent.from_config(cfg, 2, 2).encoder.mean_bound == cfg.posterior_mean_bound == 12.0

@@ -75,7 +75,8 @@ def _train_until_third_checkpoint(cfg, run_dir, monkeypatch):
 
 @pytest.mark.parametrize("model", [{"encoder": "pog", "factor_rank": 0},
                                    {"encoder": "pog", "factor_rank": 1,
-                                    "context_trajectories": True, "factor_u_bound": 10.0},
+                                    "context_trajectories": True, "factor_u_bound": 10.0,
+                                    "posterior_mean_bound": 12.0},
                                    {"encoder": "rnn-tran"}, {"encoder": "rnn-traj"}],
                          ids=["pog", "point-robot-default-model", "rnn-tran", "rnn-traj"])
 def test_interrupted_run_resumes_to_the_same_numbers(model, tiny_config, tmp_path, monkeypatch):

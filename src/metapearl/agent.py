@@ -56,6 +56,7 @@ class PEARLAgent(nn.Module):
         rnn_bptt_steps: int = 0,
         factor_rank: int = 0,
         factor_u_bound: float = 0.0,
+        posterior_mean_bound: float = 0.0,
     ):
         super().__init__()
         self.obs_dim, self.action_dim, self.latent_size = obs_dim, action_dim, latent_size
@@ -63,7 +64,7 @@ class PEARLAgent(nn.Module):
         self.context_dim = obs_dim + action_dim + 1 + (obs_dim if use_next_obs_in_context else 0)
         self.encoder = make_encoder(encoder, self.context_dim, latent_size, encoder_size,
                                     use_information_bottleneck, rnn_bptt_steps, factor_rank,
-                                    factor_u_bound)
+                                    factor_u_bound, posterior_mean_bound)
         self.policy = TanhGaussianPolicy(obs_dim + latent_size, action_dim, net_size)
         low = -np.ones(action_dim) if action_low is None else np.asarray(action_low, np.float64)
         high = np.ones(action_dim) if action_high is None else np.asarray(action_high, np.float64)
@@ -78,6 +79,7 @@ class PEARLAgent(nn.Module):
             obs_dim, action_dim, cfg.latent_size, cfg.net_size, cfg.encoder_size,
             cfg.use_information_bottleneck, cfg.use_next_obs_in_context, action_low, action_high,
             cfg.encoder, cfg.rnn_bptt_steps, cfg.factor_rank, cfg.factor_u_bound,
+            cfg.posterior_mean_bound,
         )
 
     @property

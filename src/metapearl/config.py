@@ -59,6 +59,11 @@ class PEARLConfig:
         "b tanh(u / b), so nearly parallel factors cannot put the posterior mean far away "
         "(0: unbounded)"
     )
+    posterior_mean_bound: float = _f(
+        0.0, "pog encoder: squash each element of the posterior mean to (-b, b) by "
+        "b tanh(mu / b), so a product of low-rank factors that extrapolates cannot hand the "
+        "critic a z far outside the range it was trained on (0: unbounded)"
+    )
     # losses (SPEC section 3)
     meta_batch: int = _f(16, "training tasks per gradient step")
     batch_size: int = _f(256, "RL batch: transitions per task per gradient step")
@@ -189,12 +194,18 @@ class PEARLConfig:
             raise ConfigError("factor_rank > 0 needs the pog encoder with "
                               "use_information_bottleneck=true (it shapes Gaussian factors); "
                               "point-robot's default preset has factor_rank 1: add "
-                              "--set factor_rank=0 --set factor_u_bound=0")
+                              "--set factor_rank=0 --set factor_u_bound=0 "
+                              "--set posterior_mean_bound=0")
         if self.factor_u_bound < 0:
             raise ConfigError(f"factor_u_bound must be >= 0, got {self.factor_u_bound}")
         if self.factor_u_bound and not self.factor_rank:
             raise ConfigError("factor_u_bound bounds the low-rank term of factor_rank > 0; with "
                               "factor_rank 0 set factor_u_bound=0")
+        if self.posterior_mean_bound < 0:
+            raise ConfigError(f"posterior_mean_bound must be >= 0, got {self.posterior_mean_bound}")
+        if self.posterior_mean_bound and self.encoder != "pog":
+            raise ConfigError("posterior_mean_bound bounds the pog encoder's product; the "
+                              f"{self.encoder} encoder has none: set posterior_mean_bound=0")
         if self.context_trajectories and self.context_sampler == "off-policy-rl-batch":
             raise ConfigError("context_trajectories needs its own context batch: the "
                               "off-policy-rl-batch sampler reuses the RL batch")
@@ -325,9 +336,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             # Context batches of 2 whole trajectories, the context the scored trajectory acts on
             # (independent transitions from 10 trajectories train the encoder on richer context
             # than the meta-test gives it), with u bounded: unbounded, such contexts made the
-            # critic blow up in most runs (README).
+            # critic blow up in most runs (README). With u bounded the product's mean could still
+            # land beyond the factors' means (|mu| 13-23 against <= 10), and in some runs the
+            # critic's error on that z diverged for good: the mean is bounded at 12, above the
+            # |mu| <= 9 of a healthy run (README).
             net_size=64, encoder_size=200, batch_size=64, lr=1e-3, discount=0.9,
             reward_scale=100.0, factor_rank=1, context_trajectories=True, factor_u_bound=10.0,
+            posterior_mean_bound=12.0,
         ),
     },
     "sparse-point-robot": {

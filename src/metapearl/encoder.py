@@ -106,17 +106,20 @@ class ContextEncoder(nn.Module):
     zero, so training starts from nearly diagonal factors. With ``u_bound`` > 0 each element of
     u is squashed to (-u_bound, u_bound) by u_bound * tanh(u / u_bound): a product of factors
     with large, nearly parallel u extrapolates its mean far outside the factors' means, and the
-    critic then meets z it was never trained on (README, point-robot).
+    critic then meets z it was never trained on (README, point-robot). With ``mean_bound`` b > 0
+    each element of the posterior mean is squashed to (-b, b) by b tanh(mu / b): bounded u still
+    let nearly parallel factors put it beyond the factors' own means, and the critic's error on
+    that z fed back into the encoder until the run diverged (README, point-robot).
     With ``use_information_bottleneck=False`` the encoder outputs `latent` numbers per transition,
     the posterior mean is their mean over the context and its variance is zero (deterministic z).
     """
 
     def __init__(self, context_dim: int, latent: int, hidden: int, information_bottleneck: bool,
-                 rank: int = 0, u_bound: float = 0.0):
+                 rank: int = 0, u_bound: float = 0.0, mean_bound: float = 0.0):
         super().__init__()
         if rank and not information_bottleneck:
             raise ValueError("rank > 0 needs information_bottleneck=True (it shapes Gaussian factors)")
-        self.latent, self.rank, self.u_bound = latent, rank, u_bound
+        self.latent, self.rank, self.u_bound, self.mean_bound = latent, rank, u_bound, mean_bound
         self.information_bottleneck = information_bottleneck
         self.full_covariance = rank > 0
         self.net = MLP(context_dim, hidden,
@@ -131,7 +134,15 @@ class ContextEncoder(nn.Module):
         if context.shape[1] == 0:
             return prior(tasks, self.latent, context.device, self.information_bottleneck,
                          self.full_covariance)
-        out = self.net(context)
+        mu, var = self._posterior(self.net(context), mask)
+        if self.mean_bound > 0:
+            mu = self.mean_bound * torch.tanh(mu / self.mean_bound)
+        return mu, var
+
+    def _posterior(
+        self, out: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior of the network's per-transition outputs (tasks, n, outputs)."""
         if self.full_covariance:
             mu, raw, u = out.split([self.latent, self.latent, self.rank * self.latent], dim=-1)
             u = u.unflatten(-1, (self.latent, self.rank))
@@ -206,13 +217,14 @@ class RecurrentEncoder(nn.Module):
 
 def make_encoder(kind: str, context_dim: int, latent: int, hidden: int,
                  information_bottleneck: bool, bptt_steps: int = 0, factor_rank: int = 0,
-                 factor_u_bound: float = 0.0) -> nn.Module:
-    """The encoder of config field `encoder`: `pog` (with `factor_rank` and `factor_u_bound`), or
+                 factor_u_bound: float = 0.0, posterior_mean_bound: float = 0.0) -> nn.Module:
+    """The encoder of config field `encoder`: `pog` (with `factor_rank`, `factor_u_bound` and
+    `posterior_mean_bound`), or
     `rnn-tran` / `rnn-traj` (a GRU; the two differ in how the trainer samples their batches, not
     in the network)."""
     if kind == "pog":
         return ContextEncoder(context_dim, latent, hidden, information_bottleneck, factor_rank,
-                              factor_u_bound)
+                              factor_u_bound, posterior_mean_bound)
     if kind in ("rnn-tran", "rnn-traj"):
         return RecurrentEncoder(context_dim, latent, hidden, information_bottleneck, bptt_steps)
     raise ValueError(f"unknown encoder {kind!r}; known: {', '.join(ENCODERS)}")
