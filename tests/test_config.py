@@ -164,8 +164,13 @@ def test_factor_rank_needs_the_stochastic_pog_encoder(tiny_config):
         tiny_config(factor_rank=1, factor_u_bound=-1)
     with pytest.raises(ConfigError, match="with factor_rank 0 set factor_u_bound=0"):
         tiny_config(factor_u_bound=10)
-    with pytest.raises(ConfigError, match="--set factor_rank=0 --set factor_u_bound=0"):
+    with pytest.raises(ConfigError, match="--set factor_rank=0 --set factor_u_bound=0 "
+                                          "--set posterior_mean_bound=0$"):
         make_config("point-robot", "default", {"encoder": "rnn-tran"})
+    advised = {"factor_rank": 0, "factor_u_bound": 0, "posterior_mean_bound": 0}
+    assert make_config("point-robot", "default", {"encoder": "rnn-tran", **advised}).factor_rank == 0
+    with pytest.raises(ConfigError, match="--set factor_u_bound=0$"):  # pog keeps its mean bound
+        make_config("point-robot", "default", {"use_information_bottleneck": False})
     with pytest.raises(ConfigError, match="cuda_graphs supports diagonal factors only"):
         tiny_config(factor_rank=1, cuda_graphs=True, device="cuda")
 

@@ -191,11 +191,11 @@ class PEARLConfig:
         if self.cuda_graphs and self.encoder != "pog":
             raise ConfigError(f"cuda_graphs supports the pog encoder only, got {self.encoder!r}")
         if self.factor_rank and (self.encoder != "pog" or not self.use_information_bottleneck):
+            also = " --set posterior_mean_bound=0" if self.encoder != "pog" else ""
             raise ConfigError("factor_rank > 0 needs the pog encoder with "
                               "use_information_bottleneck=true (it shapes Gaussian factors); "
                               "point-robot's default preset has factor_rank 1: add "
-                              "--set factor_rank=0 --set factor_u_bound=0 "
-                              "--set posterior_mean_bound=0")
+                              f"--set factor_rank=0 --set factor_u_bound=0{also}")
         if self.factor_u_bound < 0:
             raise ConfigError(f"factor_u_bound must be >= 0, got {self.factor_u_bound}")
         if self.factor_u_bound and not self.factor_rank:
