@@ -67,6 +67,12 @@ def product_of_lowrank_gaussians(
     return post_mu.squeeze(-1).to(dtype), torch.cholesky_inverse(chol).to(dtype)
 
 
+def soft_bound(x: torch.Tensor, bound: float) -> torch.Tensor:
+    """Each element squashed to (-bound, bound) by bound * tanh(x / bound), about x where
+    |x| << bound; bound 0 leaves x as it is."""
+    return bound * torch.tanh(x / bound) if bound > 0 else x
+
+
 def covariance_factor(cov: torch.Tensor) -> torch.Tensor:
     """Lower Cholesky factor L of a covariance S (..., d, d), in float64, with
     L L^T = S + JITTER diag(S): a very confident posterior's float32 covariance can be indefinite
@@ -135,9 +141,7 @@ class ContextEncoder(nn.Module):
             return prior(tasks, self.latent, context.device, self.information_bottleneck,
                          self.full_covariance)
         mu, var = self._posterior(self.net(context), mask)
-        if self.mean_bound > 0:
-            mu = self.mean_bound * torch.tanh(mu / self.mean_bound)
-        return mu, var
+        return soft_bound(mu, self.mean_bound), var
 
     def _posterior(
         self, out: torch.Tensor, mask: torch.Tensor | None
@@ -146,8 +150,7 @@ class ContextEncoder(nn.Module):
         if self.full_covariance:
             mu, raw, u = out.split([self.latent, self.latent, self.rank * self.latent], dim=-1)
             u = u.unflatten(-1, (self.latent, self.rank))
-            if self.u_bound > 0:
-                u = self.u_bound * torch.tanh(u / self.u_bound)
+            u = soft_bound(u, self.u_bound)
             return product_of_lowrank_gaussians(mu, F.softplus(raw), u, mask)
         if self.information_bottleneck:
             mu, raw = out.split(self.latent, dim=-1)
@@ -219,9 +222,8 @@ def make_encoder(kind: str, context_dim: int, latent: int, hidden: int,
                  information_bottleneck: bool, bptt_steps: int = 0, factor_rank: int = 0,
                  factor_u_bound: float = 0.0, posterior_mean_bound: float = 0.0) -> nn.Module:
     """The encoder of config field `encoder`: `pog` (with `factor_rank`, `factor_u_bound` and
-    `posterior_mean_bound`), or
-    `rnn-tran` / `rnn-traj` (a GRU; the two differ in how the trainer samples their batches, not
-    in the network)."""
+    `posterior_mean_bound`), or `rnn-tran` / `rnn-traj` (a GRU; the two differ in how the trainer
+    samples their batches, not in the network)."""
     if kind == "pog":
         return ContextEncoder(context_dim, latent, hidden, information_bottleneck, factor_rank,
                               factor_u_bound, posterior_mean_bound)
