@@ -50,7 +50,8 @@ def test_paper_preset_is_spec_section_7(family):
     # the paper's model: diagonal Gaussian factors (factor_rank 0), the pog encoder
     expected = {**SPEC_DEFAULTS, "use_next_obs_in_context": False, "factor_rank": 0,
                 "encoder": "pog", "context_trajectories": False, "factor_u_bound": 0.0,
-                "posterior_mean_bound": 0.0, **SPEC_PAPER[family]}
+                "posterior_mean_bound": 0.0, "sample_online_context": False,
+                **SPEC_PAPER[family]}
     for key, value in expected.items():
         assert cfg[key] == value, key
     assert cfg["use_information_bottleneck"]
@@ -173,6 +174,14 @@ def test_factor_rank_needs_the_stochastic_pog_encoder(tiny_config):
         make_config("point-robot", "default", {"use_information_bottleneck": False})
     with pytest.raises(ConfigError, match="cuda_graphs supports diagonal factors only"):
         tiny_config(factor_rank=1, cuda_graphs=True, device="cuda")
+
+
+def test_sample_online_context_is_sparse_point_robots_and_not_for_rnn_traj(tiny_config):
+    assert make_config("sparse-point-robot", "default").sample_online_context
+    assert not make_config("point-robot", "default").sample_online_context
+    assert tiny_config(sample_online_context=True, encoder="rnn-tran").sample_online_context
+    with pytest.raises(ConfigError, match="rnn-traj encoder reads whole trajectories"):
+        tiny_config(sample_online_context=True, encoder="rnn-traj")
 
 
 def test_posterior_mean_bound_needs_the_pog_encoder(tiny_config):

@@ -107,6 +107,46 @@ def test_adaptation_uses_the_posterior_after_the_exploration_trajectories(tiny_c
     assert len(result.adaptation_curve()) == 4
 
 
+def test_sampled_online_context_infers_from_embedding_batch_size_rows(tiny_config):
+    cfg = tiny_config(num_steps_per_eval=40, num_exp_traj_eval=2, sample_online_context=True,
+                      embedding_batch_size=7)
+    fam = get_family("sparse-point-robot")
+    agent = _agent(cfg)
+    assert agent.online_context_rows == 7
+    envs = [fam.make_env()]
+    envs[0].reset(seed=0)
+    contexts = []
+    original = agent.posterior
+
+    def spy(context, mask=None):
+        contexts.append(context)
+        return original(context, mask)
+
+    agent.posterior = spy
+    meta_test(agent, fam, envs, [{"goal": [0.0, 1.0]}], cfg, torch.Generator().manual_seed(0))
+    # after the 2nd, 3rd and 4th trajectory: 7 rows drawn from the 20, 30, 40 gathered
+    assert [c.shape[1] for c in contexts] == [7, 7, 7]
+    # with replacement, 7 rows drawn from n repeat one with probability 1 - n!/(n-7)!/n^7
+    # (0.69, 0.53, 0.43 for n = 20, 30, 40); no repeat in all three draws: 8%; this seed repeats
+    assert any(len(torch.unique(c[0], dim=0)) < 7 for c in contexts)
+
+
+def test_online_posterior_of_a_draw_is_the_product_of_the_drawn_factors(tiny_config):
+    agent = _agent(tiny_config(sample_online_context=True, embedding_batch_size=128))
+    row = agent.make_context(torch.tensor([[0.2, 0.5]]), torch.tensor([[0.3, -0.4]]),
+                             torch.tensor([[0.0]]), torch.tensor([[0.23, 0.46]]))
+    with torch.no_grad():
+        mu1, var1 = agent.posterior(row.unsqueeze(0))  # one factor
+        context = row.expand(300, -1).unsqueeze(0)  # the same transition 300 times
+        mu, var = agent.online_posterior(context, torch.Generator().manual_seed(0))
+        agent.online_context_rows = 0
+        mu_all, var_all = agent.online_posterior(context)
+    # a product of m equal Gaussian factors: the factor's mean, its variance / m
+    torch.testing.assert_close(var, var1 / 128)
+    torch.testing.assert_close(var_all, var1 / 300)
+    torch.testing.assert_close(mu, mu1)
+
+
 def test_deployment_agent_resets_its_belief(tiny_config):
     cfg = tiny_config()
     agent = _agent(cfg)

@@ -57,8 +57,10 @@ class PEARLAgent(nn.Module):
         factor_rank: int = 0,
         factor_u_bound: float = 0.0,
         posterior_mean_bound: float = 0.0,
+        online_context_rows: int = 0,
     ):
         super().__init__()
+        self.online_context_rows = online_context_rows
         self.obs_dim, self.action_dim, self.latent_size = obs_dim, action_dim, latent_size
         self.use_next_obs_in_context = use_next_obs_in_context
         self.context_dim = obs_dim + action_dim + 1 + (obs_dim if use_next_obs_in_context else 0)
@@ -80,6 +82,7 @@ class PEARLAgent(nn.Module):
             cfg.use_information_bottleneck, cfg.use_next_obs_in_context, action_low, action_high,
             cfg.encoder, cfg.rnn_bptt_steps, cfg.factor_rank, cfg.factor_u_bound,
             cfg.posterior_mean_bound,
+            cfg.embedding_batch_size if cfg.sample_online_context else 0,
         )
 
     @property
@@ -96,6 +99,17 @@ class PEARLAgent(nn.Module):
         """q(z | c) per task: context (tasks, n, context_dim) -> (mu, var), mu (tasks, latent),
         var (tasks, latent) or, with factor_rank > 0, a covariance (tasks, latent, latent)."""
         return self.encoder(context, mask)
+
+    def online_posterior(self, context: torch.Tensor, generator: torch.Generator | None = None):
+        """q(z | c) of one task's context gathered online, (1, n, context_dim): from all n rows,
+        or with `online_context_rows` = m > 0 from m rows drawn uniformly with replacement, a
+        fresh draw each call (how training collection infers from the encoder buffer)."""
+        n = context.shape[1]
+        if self.online_context_rows and n:
+            idx = torch.randint(n, (self.online_context_rows,), generator=generator,
+                                device=context.device)
+            context = context[:, idx]
+        return self.posterior(context)
 
     def prior(self, tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
         return prior(tasks, self.latent_size, self.action_low.device, self.stochastic,
@@ -166,8 +180,9 @@ class PEARLAgent(nn.Module):
 
     @torch.no_grad()
     def infer_posterior(self) -> None:
-        """belief = q(z | all transitions observed since `reset`)."""
-        self.belief_mu, self.belief_var = self.posterior(self.context)
+        """belief = q(z | the transitions observed since `reset`): all of them, or a fresh draw of
+        `online_context_rows` of them (`online_posterior`)."""
+        self.belief_mu, self.belief_var = self.online_posterior(self.context, self.generator)
 
     @torch.no_grad()
     def sample_z(self) -> torch.Tensor:

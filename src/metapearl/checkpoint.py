@@ -158,11 +158,12 @@ def load_state(module: torch.nn.Module | torch.optim.Optimizer, state: Any, what
         ) from None
 
 
-def load_agent(run_dir: Path, device: str = "cpu"):
-    """The trained PEARLAgent of a run, on `device` (only the agent's tensors are read)."""
+def load_agent(run_dir: Path, device: str = "cpu", cfg=None):
+    """The trained PEARLAgent of a run, on `device` (only the agent's tensors are read); `cfg`
+    (default: the run's) may change what does not shape the weights, e.g. sample_online_context."""
     from metapearl.agent import PEARLAgent
 
-    cfg = load_run_config(run_dir)
+    cfg = load_run_config(run_dir) if cfg is None else cfg
     state = load_checkpoint(run_dir, mmap=True)
     check_compatible(state, cfg)
     meta = state["agent_meta"]

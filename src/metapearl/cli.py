@@ -101,12 +101,14 @@ def _cmd_eval(args) -> int:
     run_dir = Path(args.run_dir)
     cfg = load_run_config(run_dir)
     given = {"num_evals": args.num_evals, "num_steps_per_eval": args.num_steps_per_eval,
-             "num_exp_traj_eval": args.num_exp_traj_eval}
+             "num_exp_traj_eval": args.num_exp_traj_eval,
+             "sample_online_context": None if args.online_context is None
+             else args.online_context == "sampled"}
     changed = {k: v for k, v in given.items() if v is not None and v != getattr(cfg, k)}
     for key, value in changed.items():
         setattr(cfg, key, value)
     cfg.validate()
-    agent = load_agent(run_dir)
+    agent = load_agent(run_dir, cfg=cfg)
     state = load_checkpoint(run_dir, mmap=True)  # the task sets; the buffers stay unread
     family = get_family(cfg.family)
     tasks = state["test_tasks"]
@@ -251,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-exp-traj-eval", type=int, default=None, metavar="N",
                    help="trajectories with z from the prior before the first posterior update "
                    "(default: the run's)")
+    p.add_argument("--online-context", choices=("all", "sampled"), default=None,
+                   help="infer each posterior from all the context gathered so far (SPEC section "
+                   "5) or from embedding_batch_size rows drawn from it (config "
+                   "sample_online_context) (default: the run's)")
     p.add_argument("--seed", type=SEED, default=0,
                    help="seed of the evaluation's z draws and env resets (default 0)")
     p.set_defaults(func=_cmd_eval)

@@ -99,7 +99,8 @@ def meta_test(
 
     Per slot: belief = prior; deterministic policy (tanh of the mean); z drawn from the current
     belief at the start of each trajectory; after `num_exp_traj_eval` trajectories the posterior is
-    re-inferred from all context gathered so far after every trajectory; until `num_steps_per_eval`.
+    re-inferred from all context gathered so far after every trajectory (or from a draw of it,
+    `PEARLAgent.online_posterior`); until `num_steps_per_eval`.
     """
     slot_tasks = [task for task in tasks for _ in range(cfg.num_evals)]
     contexts: list[list[torch.Tensor]] = [[] for _ in slot_tasks]
@@ -107,7 +108,7 @@ def meta_test(
     def after(s: int, traj: Trajectory):
         contexts[s].append(traj.context_rows(agent, agent.action_low.device))
         if len(contexts[s]) >= cfg.num_exp_traj_eval:
-            return agent.posterior(torch.cat(contexts[s]).unsqueeze(0))
+            return agent.online_posterior(torch.cat(contexts[s]).unsqueeze(0), generator)
         return None
 
     return _run_slots(agent, family, envs, slot_tasks, cfg, generator,
@@ -147,8 +148,8 @@ def adapt_to_task(
     """Algorithm 2 on one task through the deployment API, step by step (pictures, videos).
 
     Belief reset to the prior; z drawn from the belief at the start of each trajectory; the
-    posterior re-inferred from all context after trajectory `num_exp_traj_eval` and every one after
-    it; trajectories until `num_steps_per_eval` env steps (or `max_trajectories`). A step flagged
+    posterior re-inferred from all context (or a draw of it, `PEARLAgent.online_posterior`) after
+    trajectory `num_exp_traj_eval` and every one after it; trajectories until `num_steps_per_eval` env steps (or `max_trajectories`). A step flagged
     unstable ends its trajectory and is left out, as in `collect`. `on_step(k, t, return_so_far)`
     runs after step t of trajectory k. Returns per trajectory {"obs", "next_obs", "rewards"}, the
     rewards being the context's (sparse where the family has one).
