@@ -163,9 +163,10 @@ def load_agent(run_dir: Path, device: str = "cpu", cfg=None):
     (default: the run's) may change what does not shape the weights, e.g. sample_online_context."""
     from metapearl.agent import PEARLAgent
 
-    cfg = load_run_config(run_dir) if cfg is None else cfg
+    run_cfg = load_run_config(run_dir)
     state = load_checkpoint(run_dir, mmap=True)
-    check_compatible(state, cfg)
+    check_compatible(state, run_cfg)
+    cfg = run_cfg if cfg is None else cfg
     meta = state["agent_meta"]
     agent = PEARLAgent.from_config(
         cfg, meta["obs_dim"], meta["action_dim"], meta["action_low"], meta["action_high"]

@@ -148,11 +148,12 @@ def adapt_to_task(
     """Algorithm 2 on one task through the deployment API, step by step (pictures, videos).
 
     Belief reset to the prior; z drawn from the belief at the start of each trajectory; the
-    posterior re-inferred from all context (or a draw of it, `PEARLAgent.online_posterior`) after
-    trajectory `num_exp_traj_eval` and every one after it; trajectories until `num_steps_per_eval` env steps (or `max_trajectories`). A step flagged
-    unstable ends its trajectory and is left out, as in `collect`. `on_step(k, t, return_so_far)`
-    runs after step t of trajectory k. Returns per trajectory {"obs", "next_obs", "rewards"}, the
-    rewards being the context's (sparse where the family has one).
+    posterior re-inferred from all context (or a draw of it, `PEARLAgent.online_posterior`)
+    after trajectory `num_exp_traj_eval` and every one after it; trajectories until
+    `num_steps_per_eval` env steps (or `max_trajectories`). A step flagged unstable ends its
+    trajectory and is left out, as in `collect`. `on_step(k, t, return_so_far)` runs after step t
+    of trajectory k. Returns per trajectory {"obs", "next_obs", "rewards"}, the rewards being the
+    context's (sparse where the family has one).
     """
     agent.reset()
     trajectories: list[dict[str, np.ndarray]] = []
