@@ -11,6 +11,7 @@ meta-test whose prior phase found nothing, the goal's angle and every trajectory
 degrees, `H` marking those that reached the goal radius: where the posterior sends the agent.
 
     python benchmarks/sparse_exploration.py runs/sparse-point-robot [--runs 3] [--trace]
+        [--online-context all|sampled]
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from metapearl.agent import PEARLAgent
-from metapearl.checkpoint import load_checkpoint, load_run_config
+from metapearl.checkpoint import load_agent, load_checkpoint, load_run_config
 from metapearl.encoder import marginal_variance
 from metapearl.evaluation import adapt_to_task
 from metapearl.tasks import get_family
@@ -57,12 +58,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trace", action="store_true",
                         help="end angle of every trajectory of each fruitless prior phase")
+    parser.add_argument("--online-context", choices=("all", "sampled"), default=None,
+                        help="posteriors from all the context gathered so far or from "
+                        "embedding_batch_size rows drawn from it (default: the run's "
+                        "sample_online_context)")
     args = parser.parse_args()
     run = Path(args.run_dir)
     cfg = load_run_config(run)
     if cfg.family != "sparse-point-robot":
         parser.error(f"{run} is not a sparse-point-robot run")
-    agent = PEARLAgent.load(run)
+    if args.online_context is not None:
+        cfg.sample_online_context = args.online_context == "sampled"
+    agent = load_agent(run, cfg=cfg)
     agent.generator = torch.Generator().manual_seed(args.seed)
     family = get_family(cfg.family)
     env = family.make_env()
@@ -78,7 +85,9 @@ def main() -> None:
     k = cfg.num_exp_traj_eval
     print(f"{run} after {state['iteration']} iterations: {len(slots)} meta-tests "
           f"({len(state['test_tasks'])} test tasks x {args.runs}), {k} prior trajectories of "
-          f"{cfg.num_steps_per_eval // cfg.max_path_length}")
+          f"{cfg.num_steps_per_eval // cfg.max_path_length}, posteriors from "
+          + (f"{agent.online_context_rows} rows drawn from the context"
+             if agent.online_context_rows else "all the context"))
     print(f"  success of the last trajectory          {col('success').mean():6.1%}")
     print(f"  a prior trajectory reached the goal     {hit.mean():6.1%}")
     print(f"  any trajectory reached the goal         {col('ever').mean():6.1%}")

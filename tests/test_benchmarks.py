@@ -50,6 +50,10 @@ def test_point_robot_context_scores_every_way(runs):
 def test_sparse_exploration_splits_success_by_prior_phase_hits(runs):
     out = _script("sparse_exploration.py", runs["sparse-point-robot"], "--runs", "2", "--trace")
     assert "6 meta-tests (3 test tasks x 2), 2 prior trajectories of 4" in out
+    # the preset's sample_online_context, with TINY's embedding_batch_size 8, or SPEC's all rows
+    assert "posteriors from 8 rows drawn from the context" in out
+    assert "posteriors from all the context" in _script(
+        "sparse_exploration.py", runs["sparse-point-robot"], "--runs", "1", "--online-context", "all")
     rates = {name.strip(): float(v) for name, v in
              re.findall(r"^  (success of the last trajectory|a prior trajectory reached the goal|"
                         r"any trajectory reached the goal)\s+(\d+\.\d)%", out, re.M)}
