@@ -5,7 +5,9 @@
     python benchmarks/ablations.py --report-only --out runs/ablations
 
 Each run is `metapearl train FAMILY --seed S --set <the variant's switch>` on the default preset,
-cut to --iterations and evaluated every --eval-interval iterations, in OUT/VARIANT-sS. Finished
+cut to --iterations and evaluated every --eval-interval iterations, in OUT/VARIANT-sS. Every run
+meta-tests as SPEC section 5 does, from all the context (`sample_online_context=false`, which
+the record predates and the rnn-traj encoder needs). Finished
 runs are kept, interrupted ones resumed, so the command can be repeated after a crash; with a
 larger --iterations, finished runs go on from their last checkpoint. With --jobs 2
 the runs use one torch thread each. At the end: OUT/ablations.md (final success rate and return,
@@ -62,7 +64,8 @@ def train_one(args, variant: str, seed: int) -> str:
         cmd.append("--resume")
     else:
         cmd += ["--seed", str(seed)]
-        sets.update(VARIANTS[variant], eval_interval=args.eval_interval)
+        sets.update(VARIANTS[variant], eval_interval=args.eval_interval,
+                    sample_online_context="false")
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
     start = time.perf_counter()
