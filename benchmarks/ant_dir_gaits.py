@@ -2,7 +2,7 @@
 
 For each of ant-dir's two tasks and `--runs` repetitions, run the meta-test on that task
 (`adapt_to_task`: deterministic policy; z from the prior for the first `num_exp_traj_eval`
-trajectories, then from the posterior of all trajectories so far) and print, per trajectory, the
+trajectories, then from the posterior of the trajectories so far) and print, per trajectory, the
 drawn z, the torso's displacement (dx, dy) in metres, the return and the length.
 
     python benchmarks/ant_dir_gaits.py runs/ant-dir [--runs 3]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from metapearl import PEARLAgent, Trainer, register_family, train
+from metapearl.checkpoint import CheckpointError, load_agent, load_run_config
 from metapearl.cli import main
 from metapearl.logging import read_progress
 
@@ -137,6 +138,16 @@ def test_cli_train_eval_and_deployment(tmp_path, capsys):
     assert json.loads((run / "config.json").read_text())["num_steps_per_eval"] == 60
     assert main(["eval", str(run), "--num-steps-per-eval", "0"]) == 2
     assert "num_steps_per_eval must be >= 1" in capsys.readouterr().err
+    # posteriors from drawn context rows, for this evaluation only (point-robot's preset: all)
+    assert main(["eval", str(run), "--online-context", "sampled"]) == 0
+    assert (run / "eval" / "meta_test_itr2_sample_online_contextTrue.csv").exists()
+    cfg = load_run_config(run)
+    assert load_agent(run).online_context_rows == 0
+    cfg.sample_online_context = True
+    assert load_agent(run, cfg=cfg).online_context_rows == cfg.embedding_batch_size == 40
+    cfg.posterior_mean_bound = 3.0  # not the meta-test protocol: refused, not silently applied
+    with pytest.raises(CheckpointError, match="cannot be loaded with another posterior_mean_bound"):
+        load_agent(run, cfg=cfg)
     agent = PEARLAgent.load(run)
     agent.reset()
     agent.sample_z()

@@ -131,20 +131,19 @@ def test_sampled_online_context_infers_from_embedding_batch_size_rows(tiny_confi
     assert any(len(torch.unique(c[0], dim=0)) < 7 for c in contexts)
 
 
-def test_online_posterior_of_a_draw_is_the_product_of_the_drawn_factors(tiny_config):
-    agent = _agent(tiny_config(sample_online_context=True, embedding_batch_size=128))
-    row = agent.make_context(torch.tensor([[0.2, 0.5]]), torch.tensor([[0.3, -0.4]]),
-                             torch.tensor([[0.0]]), torch.tensor([[0.23, 0.46]]))
+@pytest.mark.parametrize("sampled", [True, False])
+def test_deployment_posterior_of_equal_rows_is_a_product_of_m_or_n_factors(tiny_config, sampled):
+    agent = _agent(tiny_config(sample_online_context=sampled, embedding_batch_size=128))
+    agent.generator = torch.Generator().manual_seed(0)
+    for _ in range(300):  # the same transition 300 times
+        agent.observe([0.2, 0.5], [0.03, -0.04], 0.0, [0.23, 0.46])
+    agent.infer_posterior()
     with torch.no_grad():
-        mu1, var1 = agent.posterior(row.unsqueeze(0))  # one factor
-        context = row.expand(300, -1).unsqueeze(0)  # the same transition 300 times
-        mu, var = agent.online_posterior(context, torch.Generator().manual_seed(0))
-        agent.online_context_rows = 0
-        mu_all, var_all = agent.online_posterior(context)
-    # a product of m equal Gaussian factors: the factor's mean, its variance / m
-    torch.testing.assert_close(var, var1 / 128)
-    torch.testing.assert_close(var_all, var1 / 300)
-    torch.testing.assert_close(mu, mu1)
+        mu1, var1 = agent.posterior(agent.context[:, :1])  # one factor
+    # a product of m equal Gaussian factors: the factor's mean, its variance / m; m = the
+    # 128 rows drawn, or all 300
+    torch.testing.assert_close(agent.belief_var, var1 / (128 if sampled else 300))
+    torch.testing.assert_close(agent.belief_mu, mu1)
 
 
 def test_deployment_agent_resets_its_belief(tiny_config):

@@ -14,7 +14,7 @@ Typical use on a new task (SPEC section 5, Algorithm 2; `evaluation.adapt_to_tas
             agent.observe(obs, action, info.get("sparse_reward", reward), next_obs)
             obs = next_obs
         if k + 1 >= cfg.num_exp_traj_eval:          # the run's config: 1, 2 or 5 trajectories
-            agent.infer_posterior()                 # belief = q(z | everything observed)
+            agent.infer_posterior()                 # belief = q(z | what was observed)
 """
 
 from __future__ import annotations

@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "5) or from embedding_batch_size rows drawn from it (config "
                    "sample_online_context) (default: the run's)")
     p.add_argument("--seed", type=SEED, default=0,
-                   help="seed of the evaluation's z draws and env resets (default 0)")
+                   help="seed of the evaluation's z draws, context draws and env resets (default "
+                   "0)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(

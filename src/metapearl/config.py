@@ -269,6 +269,8 @@ SEED_LIMIT = 2**32  # seeds are in [0, 2**32): numpy, torch and Gymnasium all ta
 # CPU matmul library: float32 rounding only; CUDA graphs), not what an iteration computes (so a
 # finished run can be extended).
 RESUME_FIELDS = ("num_iterations", "torch_threads", "cpu_gemm", "cuda_graphs")
+# what `metapearl eval` may change in a trained run's config (the meta-test protocol)
+EVAL_FIELDS = ("num_evals", "num_steps_per_eval", "num_exp_traj_eval", "sample_online_context")
 ENCODERS = ("pog", "rnn-tran", "rnn-traj")
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(PEARLConfig))
 

@@ -189,7 +189,8 @@ def adaptation_rollouts(run: Path, num_tasks: int = 3, trajectories: int | None 
 
     Per task: {"task", "trajectories" (list of (obs, next_obs) arrays), "returns",
     "posterior" (list over context sizes n of (n, mu, var))}; the posterior is re-inferred from
-    the first n transitions for a grid of n.
+    the first n transitions for a grid of n, as the agent infers it (a draw of them with
+    `sample_online_context`).
     """
     from metapearl.agent import PEARLAgent
     from metapearl.checkpoint import load_checkpoint, load_run_config
@@ -211,8 +212,8 @@ def adaptation_rollouts(run: Path, num_tasks: int = 3, trajectories: int | None 
         context = agent.context
         sizes = np.unique(np.geomspace(1, context.shape[1], 40).astype(int))
         with torch.no_grad():
-            beliefs = [(0, agent.prior(1))] + [(int(n), agent.posterior(context[:, :n]))
-                                               for n in sizes]
+            beliefs = [(0, agent.prior(1))] + [
+                (int(n), agent.online_posterior(context[:, :n], agent.generator)) for n in sizes]
         posterior = [(n, mu[0].numpy(), marginal_variance(var)[0].numpy())
                      for n, (mu, var) in beliefs]
         out.append({"task": task, "trajectories": trajs, "returns": returns,
