@@ -11,6 +11,7 @@ import pytest
 from metapearl import PEARLAgent, Trainer, register_family, train
 from metapearl.checkpoint import CheckpointError, load_agent, load_run_config
 from metapearl.cli import main
+from metapearl.config import ConfigError
 from metapearl.logging import read_progress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,6 +148,10 @@ def test_cli_train_eval_and_deployment(tmp_path, capsys):
     assert load_agent(run, cfg=cfg).online_context_rows == cfg.embedding_batch_size == 40
     cfg.posterior_mean_bound = 3.0  # not the meta-test protocol: refused, not silently applied
     with pytest.raises(CheckpointError, match="cannot be loaded with another posterior_mean_bound"):
+        load_agent(run, cfg=cfg)
+    cfg = load_run_config(run)
+    cfg.num_evals = 0  # an evaluation field, but invalid
+    with pytest.raises(ConfigError, match="num_evals"):
         load_agent(run, cfg=cfg)
     agent = PEARLAgent.load(run)
     agent.reset()

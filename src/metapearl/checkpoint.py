@@ -160,18 +160,19 @@ def load_state(module: torch.nn.Module | torch.optim.Optimizer, state: Any, what
 
 def load_agent(run_dir: Path, device: str = "cpu", cfg=None):
     """The trained PEARLAgent of a run, on `device` (only the agent's tensors are read); `cfg`
-    (default: the run's) may differ from the run's config in EVAL_FIELDS only."""
+    (default: the run's; validated) may differ from the run's config only in EVAL_FIELDS and in
+    RESUME_FIELDS, which do not touch the agent."""
     from metapearl.agent import PEARLAgent
     from metapearl.config import EVAL_FIELDS
 
     run_cfg = load_run_config(run_dir)
     state = load_checkpoint(run_dir, mmap=True)
     check_compatible(state, run_cfg)
-    changed = [k for k in config_changes(run_cfg.to_dict(), cfg or run_cfg) if k not in EVAL_FIELDS]
+    cfg = run_cfg if cfg is None else cfg.validate()
+    changed = [k for k in config_changes(run_cfg.to_dict(), cfg) if k not in EVAL_FIELDS]
     if changed:
         raise CheckpointError(f"the agent of {run_dir} cannot be loaded with another "
                               f"{', '.join(changed)} (only {', '.join(EVAL_FIELDS)} may change)")
-    cfg = cfg or run_cfg
     meta = state["agent_meta"]
     agent = PEARLAgent.from_config(
         cfg, meta["obs_dim"], meta["action_dim"], meta["action_low"], meta["action_high"]

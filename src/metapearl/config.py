@@ -110,8 +110,8 @@ class PEARLConfig:
     sample_online_context: bool = _f(
         False, "infer each online posterior (meta-test, `PEARLAgent.infer_posterior`) from "
         "embedding_batch_size rows drawn uniformly with replacement from the context gathered "
-        "so far, as training collection infers it, instead of from all of it (ours; "
-        "sparse-point-robot's default preset; README)"
+        "so far, a fresh draw each time, as training collection infers it, instead of from all "
+        "of it (ours; sparse-point-robot's default preset; not with rnn-traj; README)"
     )
     eval_interval: int = _f(1, "evaluate every this many iterations (and at the last)")
     # engineering
