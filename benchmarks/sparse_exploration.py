@@ -69,8 +69,7 @@ def main() -> None:
         parser.error(f"{run} is not a sparse-point-robot run")
     if args.online_context is not None:
         cfg.sample_online_context = args.online_context == "sampled"
-        cfg.validate()
-    agent = load_agent(run, cfg=cfg)
+    agent = load_agent(run, cfg=cfg)  # validates cfg
     agent.generator = torch.Generator().manual_seed(args.seed)
     family = get_family(cfg.family)
     env = family.make_env()

@@ -107,8 +107,7 @@ def _cmd_eval(args) -> int:
     changed = {k: v for k, v in given.items() if v is not None and v != getattr(cfg, k)}
     for key, value in changed.items():
         setattr(cfg, key, value)
-    cfg.validate()
-    agent = load_agent(run_dir, cfg=cfg)
+    agent = load_agent(run_dir, cfg=cfg)  # validates cfg
     state = load_checkpoint(run_dir, mmap=True)  # the task sets; the buffers stay unread
     family = get_family(cfg.family)
     tasks = state["test_tasks"]
