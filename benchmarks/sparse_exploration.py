@@ -6,8 +6,11 @@ Runs the meta-test (SPEC section 5) on every test task of a run through the depl
 context, until `num_steps_per_eval` steps. Prints the success rate of the last trajectory split by
 whether a prior-phase trajectory reached the goal radius, how many tasks ever reach it, the
 posterior variance after the prior phase, and how far apart the trajectories of each phase end
-(the spread of their end angles on the half circle of goals). `--trace` also prints, for each
-meta-test whose prior phase found nothing, the goal's angle and every trajectory's end angle in
+(the spread of their end angles on the half circle of goals), and, for the meta-tests that reach the
+goal radius before their last trajectory, how often the last one misses it again and how far from
+the goal the agent ends at the first hit and at the end (an agent that drifts off a goal it found
+ends farther out). `--trace` also prints, for each meta-test whose prior phase found nothing and
+for each that found the goal and lost it, the goal's angle and every trajectory's end angle in
 degrees, `H` marking those that reached the goal radius: where the posterior sends the agent.
 
     python benchmarks/sparse_exploration.py runs/sparse-point-robot [--runs 3] [--trace]
@@ -48,6 +51,24 @@ def adapt(agent: PEARLAgent, env, cfg, seed: int) -> dict:
             "angles": angles, "reached": reached,
             "var": var_after_prior[0] if var_after_prior else None,
             "spread_prior": np.std(angles[:k]), "spread_posterior": np.std(angles[k:])}
+
+
+def degrees_off(angle: float, goal: float) -> float:
+    """Degrees between an end angle (radians) and the goal's angle (degrees), in [0, 180]."""
+    return abs((np.degrees(angle) - goal + 180.0) % 360.0 - 180.0)
+
+
+def found_then(slots: list[dict]) -> tuple[float, float, float, float] | None:
+    """Of the meta-tests that reached the goal radius before their last trajectory: their share
+    of all, the share of them whose last trajectory missed it, and their mean degrees between end
+    and goal at the first hit and at the last trajectory. None if there are none."""
+    early = [s for s in slots if any(s["reached"][:-1])]
+    if not early:
+        return None
+    return (len(early) / len(slots), float(np.mean([not s["success"] for s in early])),
+            float(np.mean([degrees_off(s["angles"][s["reached"].index(True)], s["goal"])
+                           for s in early])),
+            float(np.mean([degrees_off(s["angles"][-1], s["goal"]) for s in early])))
 
 
 def main() -> None:
@@ -98,13 +119,25 @@ def main() -> None:
                   f"prior 1)")
     print(f"  spread of end angles, prior phase       {col('spread_prior').mean():6.3f} rad")
     print(f"  spread of end angles, posterior phase   {col('spread_posterior').mean():6.3f} rad")
+    found = found_then(slots)
+    if found is not None:
+        print(f"  a hit before the last trajectory        {found[0]:6.1%}, then the last missed in "
+              f"{found[1]:.1%}; end {found[2]:.1f} deg from the goal at the first hit, "
+              f"{found[3]:.1f} at the last")
     if args.trace:
+        def trace(prefix: str, slot: dict) -> None:
+            ends = [f"{np.degrees(a):4.0f}{'H' if reached else '.'}"
+                    for a, reached in zip(slot["angles"], slot["reached"], strict=True)]
+            print(f"  {prefix} {slot['goal']:4.0f} | {' '.join(ends[:k])} | {' '.join(ends[k:])}")
+
         print("fruitless prior phases: goal angle | end angle of each trajectory (deg, H = reached)")
         for slot in slots:
             if not slot["prior_hit"]:
-                ends = [f"{np.degrees(a):4.0f}{'H' if reached else '.'}"
-                        for a, reached in zip(slot["angles"], slot["reached"], strict=True)]
-                print(f"  goal {slot['goal']:4.0f} | {' '.join(ends[:k])} | {' '.join(ends[k:])}")
+                trace("goal", slot)
+        print("goals found, then missed by the last trajectory: the same")
+        for slot in slots:
+            if slot["ever"] and not slot["success"]:
+                trace("lost", slot)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """The diagnostic scripts in benchmarks/ run on a trained run and print what they promise."""
 
+import importlib.util
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from metapearl import train
@@ -65,9 +67,41 @@ def test_sparse_exploration_splits_success_by_prior_phase_hits(runs):
     hit = rates["a prior trajectory reached the goal"]
     assert len(lines) == round(6 * (1 - hit / 100))
     assert all(0 <= int(goal) <= 180 and "H" not in prior for goal, prior, _ in lines)
+    # and one line per meta-test that reached the goal radius but not in its last trajectory
+    lost = re.findall(r"^  lost +(-?\d+) \|((?: +-?\d+[.H]){2}) \|((?: +-?\d+[.H]){2})$",
+                      out, re.M)
+    ever, success = rates["any trajectory reached the goal"], rates["success of the last trajectory"]
+    assert len(lost) == round(6 * (ever - success) / 100)
+    assert all("H" in prior + post and post.endswith(".") for _, prior, post in lost)
+    found = re.search(r"^  a hit before the last trajectory +(\d+\.\d)%, then the last missed in "
+                      r"(\d+\.\d)%", out, re.M)
+    assert found is not None or not lost
+    if found:
+        early = round(6 * float(found.group(1)) / 100)
+        assert len(lost) <= early and round(early * float(found.group(2)) / 100) == len(lost)
     wrong = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sparse_exploration.py"),
                             str(runs["point-robot"])], capture_output=True, text=True)
     assert wrong.returncode == 2 and "is not a sparse-point-robot run" in wrong.stderr
+
+
+def test_found_then_lost_statistics():
+    spec = importlib.util.spec_from_file_location(
+        "sparse_exploration", ROOT / "benchmarks" / "sparse_exploration.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rad = np.radians
+    slots = [  # goal 90 degrees; angles are where each trajectory ended
+        {"reached": [False, True, True], "angles": rad([0, 80, 95]), "success": True, "goal": 90},
+        {"reached": [True, False, False], "angles": rad([100, 50, -170]), "success": False,
+         "goal": 90.0},
+        {"reached": [False, False, True], "angles": rad([0, 0, 90]), "success": True, "goal": 90},
+        {"reached": [False] * 3, "angles": rad([0, 0, 0]), "success": False, "goal": 90},
+    ]
+    # two hit before their last trajectory, one of them then missed; first hits 10 and 10 degrees
+    # off, last trajectories 5 and 100 (-170 is 100 degrees from 90 the short way round)
+    assert module.found_then(slots) == pytest.approx((0.5, 0.5, 10.0, 52.5))
+    assert module.found_then(slots[2:]) is None
+    assert module.degrees_off(rad(179.0), -179.0) == pytest.approx(2.0)
 
 
 @pytest.fixture(scope="module")
