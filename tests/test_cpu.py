@@ -108,6 +108,7 @@ from metapearl import cpu
 from metapearl.config import make_config
 if sys.argv[1] == "run":
     cpu.configure_for(make_config("point-robot", "default", {"torch_threads": 2}))
+    assert cpu.keep_freed_memory()
 # 42 MB tensors: above glibc's largest self-raised mmap threshold (32 MB), so without
 # keep_freed_memory each one is a fresh mapping whose 10,240 pages fault when filled
 for _ in range(3):  # warm: the heap grows to hold the tensors once
