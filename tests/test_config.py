@@ -184,6 +184,15 @@ def test_sample_online_context_is_sparse_point_robots_and_not_for_rnn_traj(tiny_
         tiny_config(sample_online_context=True, encoder="rnn-traj")
 
 
+def test_agent_averaging_is_sparse_point_robots_only_and_not_negative(tiny_config):
+    assert make_config("sparse-point-robot", "default").agent_average_iterations == 25
+    for family in ("point-robot", "cheetah-vel"):
+        assert make_config(family, "default").agent_average_iterations == 0
+    assert make_config("sparse-point-robot", "paper").agent_average_iterations == 0
+    with pytest.raises(ConfigError, match="agent_average_iterations must be >= 0, got -1"):
+        tiny_config(agent_average_iterations=-1)
+
+
 def test_posterior_mean_bound_needs_the_pog_encoder(tiny_config):
     assert tiny_config(posterior_mean_bound=3).posterior_mean_bound == 3.0
     with pytest.raises(ConfigError, match="posterior_mean_bound must be >= 0, got -1.0"):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from metapearl import PEARLAgent, Trainer, register_family, train
 from metapearl.checkpoint import CheckpointError, load_agent, load_run_config
@@ -79,8 +80,10 @@ def _train_until_third_checkpoint(cfg, run_dir, monkeypatch):
                                    {"encoder": "pog", "factor_rank": 1,
                                     "context_trajectories": True, "factor_u_bound": 10.0,
                                     "posterior_mean_bound": 12.0},
-                                   {"encoder": "rnn-tran"}, {"encoder": "rnn-traj"}],
-                         ids=["pog", "point-robot-default-model", "rnn-tran", "rnn-traj"])
+                                   {"encoder": "rnn-tran"}, {"encoder": "rnn-traj"},
+                                   {"encoder": "pog", "agent_average_iterations": 2}],
+                         ids=["pog", "point-robot-default-model", "rnn-tran", "rnn-traj",
+                              "averaged-agent"])
 def test_interrupted_run_resumes_to_the_same_numbers(model, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config(num_iterations=4, **model)
     train(cfg, tmp_path / "whole", progress=False)
@@ -94,6 +97,37 @@ def test_interrupted_run_resumes_to_the_same_numbers(model, tiny_config, tmp_pat
     adaptation = [(run / "eval" / "adaptation.csv").read_text() for run in
                   (tmp_path / "cut", tmp_path / "whole")]
     assert adaptation[0] == adaptation[1]
+
+
+def test_the_averaged_agent_is_evaluated_and_deployed_and_training_is_untouched(tiny_config,
+                                                                                tmp_path):
+    # agent_average_iterations=2: after iterations 0, 1, 2 with last iterates p0, p1, p2 the
+    # average is p0, then (p0 + p1) / 2, then ((p0 + p1) / 2 + p2) / 2
+    cfg = tiny_config(num_iterations=3, agent_average_iterations=2)
+    trainer = Trainer(cfg, tmp_path / "avg", progress=False)
+    iterates = []
+    trainer.train(on_iteration=lambda row: iterates.append(
+        [p.detach().clone() for p in trainer.agent.parameters()]))
+    expected = iterates[0]
+    for p in iterates[1:]:
+        expected = [(a + b) / 2 for a, b in zip(expected, p, strict=True)]
+    assert not torch.equal(expected[0], iterates[-1][0])
+    for got in (trainer.averaged, trainer.evaluated_agent, load_agent(tmp_path / "avg")):
+        for g, want in zip(got.parameters(), expected, strict=True):
+            torch.testing.assert_close(g, want)
+    # the same run without averaging trains identically (losses, statistics, env steps: the
+    # evaluations draw as many numbers either way); only the evaluations after iteration 0 differ
+    train(tiny_config(num_iterations=3), tmp_path / "last", progress=False)
+    averaged, last = _numbers(tmp_path / "avg"), _numbers(tmp_path / "last")
+    evaluated = [k for k in averaged[0] if k.startswith(("AverageReturn", "AverageTrainReturn",
+                                                         "SuccessRate"))]
+    assert evaluated
+    assert ([{k: v for k, v in r.items() if k not in evaluated} for r in averaged]
+            == [{k: v for k, v in r.items() if k not in evaluated} for r in last])
+    returns = [[r["AverageReturn_all_test_tasks"] for r in rows] for rows in (averaged, last)]
+    assert returns[0][0] == returns[1][0] and returns[0][1:] != returns[1][1:]
+    for got, want in zip(load_agent(tmp_path / "last").parameters(), iterates[-1], strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_resume_with_more_iterations_extends_a_finished_run(tiny_config, tmp_path, capsys):

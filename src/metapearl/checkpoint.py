@@ -159,9 +159,10 @@ def load_state(module: torch.nn.Module | torch.optim.Optimizer, state: Any, what
 
 
 def load_agent(run_dir: Path, device: str = "cpu", cfg=None):
-    """The trained PEARLAgent of a run, on `device` (only the agent's tensors are read); `cfg`
-    (default: the run's; validated) may differ from the run's config only in EVAL_FIELDS and in
-    RESUME_FIELDS, which do not touch the agent."""
+    """The trained PEARLAgent of a run, on `device` (only the agent's tensors are read): the one
+    its evaluations used, the moving average where the run has `agent_average_iterations`, else
+    the last iterate. `cfg` (default: the run's; validated) may differ from the run's config only
+    in EVAL_FIELDS and in RESUME_FIELDS, which do not touch the agent."""
     from metapearl.agent import PEARLAgent
     from metapearl.config import EVAL_FIELDS
 
@@ -177,6 +178,9 @@ def load_agent(run_dir: Path, device: str = "cpu", cfg=None):
     agent = PEARLAgent.from_config(
         cfg, meta["obs_dim"], meta["action_dim"], meta["action_low"], meta["action_high"]
     ).to(device)
-    load_state(agent, state["agent"], "agent")
+    key = "averaged_agent" if run_cfg.agent_average_iterations else "agent"
+    if key not in state:
+        raise CheckpointError(f"the checkpoint of {run_dir} holds no {key}")
+    load_state(agent, state[key], key.replace("_", " "))
     agent.reset()
     return agent

@@ -130,9 +130,12 @@ def _cmd_eval(args) -> int:
     print(f"adaptation curve (return of trajectory k): {curve}")
     print(f"wrote {out} and {png}")
     success = (f", success {result.final_success_rate:.0%}" if family.reports_success else "")
+    averaged = (f"; the agent averaged over about {cfg.agent_average_iterations} iterations"
+                if cfg.agent_average_iterations else "")
     print(f"AverageReturn_all_test_tasks {result.final_return:.2f}{success} "
           f"over {len(tasks)} test tasks x {cfg.num_evals} runs "
-          f"(checkpoint after {state['iteration']} iterations, {state['env_steps']} env steps)")
+          f"(checkpoint after {state['iteration']} iterations, {state['env_steps']} env steps"
+          f"{averaged})")
     return 0
 
 

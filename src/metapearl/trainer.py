@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import time
@@ -127,6 +128,10 @@ class Trainer:
                                                 act_space.high).to(self.device)
             self.critics = Critics(obs_dim, act_dim, cfg.latent_size, cfg.net_size).to(self.device)
         self.update = PEARLUpdate(self.agent, self.critics, cfg)
+        # what is evaluated and deployed: the last iterate, or a moving average of it (our
+        # extension; a single late iterate of sparse-point-robot scores 10 points either side of
+        # its level, README)
+        self.averaged = copy.deepcopy(self.agent) if cfg.agent_average_iterations else None
         self.rl_buffer = TaskReplayBuffer(cfg.num_train_tasks, obs_dim, act_dim,
                                           cfg.replay_buffer_size, self.device)
         self.enc_buffer = TaskReplayBuffer(cfg.num_train_tasks, obs_dim, act_dim,
@@ -177,6 +182,7 @@ class Trainer:
             "unstable_episodes": self.unstable_episodes,
             "agent_meta": self.agent_meta,
             "agent": self.agent.state_dict(), "critics": self.critics.state_dict(),
+            **({} if self.averaged is None else {"averaged_agent": self.averaged.state_dict()}),
             "optimizer": self.update.optimizer.state_dict(),
             "rl_buffer": self.rl_buffer.state_dict(), "enc_buffer": self.enc_buffer.state_dict(),
             "train_tasks": self.train_tasks, "test_tasks": self.test_tasks,
@@ -192,6 +198,8 @@ class Trainer:
             self.unstable_episodes = state["unstable_episodes"]
             load_state(self.agent, state["agent"], "agent")
             load_state(self.critics, state["critics"], "critics")
+            if self.averaged is not None:
+                load_state(self.averaged, state["averaged_agent"], "averaged agent")
             load_state(self.update.optimizer, state["optimizer"], "optimizer")
             for group in self.update.optimizer.param_groups:  # a resume may switch cuda_graphs
                 group["capturable"] = self.cfg.cuda_graphs
@@ -305,20 +313,37 @@ class Trainer:
         self.train_steps += n
         return total / max(n, 1)
 
+    @torch.no_grad()
+    def update_average(self) -> None:
+        """Move the averaged agent towards the current weights after iteration `self.iteration`:
+        by 1 / min(agent_average_iterations, iterations so far), so a running mean of the
+        iterates at first and an exponential moving average over about that many iterations
+        after."""
+        if self.averaged is None:
+            return
+        weight = 1.0 / min(self.cfg.agent_average_iterations, self.iteration + 1)
+        for avg, p in zip(self.averaged.parameters(), self.agent.parameters(), strict=True):
+            avg.lerp_(p, weight)
+
     # --- evaluation (SPEC section 5) ------------------------------------------------------------
+    @property
+    def evaluated_agent(self) -> PEARLAgent:
+        """The agent that meta-tests and deployment use (`agent_average_iterations`)."""
+        return self.agent if self.averaged is None else self.averaged
+
     def evaluate(self) -> tuple[dict[str, float], dict[str, EvalResult]]:
-        cfg = self.cfg
-        self.agent.eval()
-        test = meta_test(self.agent, self.family, self.envs, self.test_tasks, cfg, self.gen)
+        cfg, agent = self.cfg, self.evaluated_agent
+        agent.eval()
+        test = meta_test(agent, self.family, self.envs, self.test_tasks, cfg, self.gen)
         count = cfg.num_test_tasks if cfg.num_eval_train_tasks < 0 else cfg.num_eval_train_tasks
         subset = self.rng.choice(cfg.num_train_tasks, size=min(count, cfg.num_train_tasks),
                                  replace=False).tolist()
         subset_tasks = [self.train_tasks[t] for t in subset]
-        train = meta_test(self.agent, self.family, self.envs, subset_tasks, cfg, self.gen)
-        offline = offline_test(self.agent, self.family, self.envs, subset_tasks,
+        train = meta_test(agent, self.family, self.envs, subset_tasks, cfg, self.gen)
+        offline = offline_test(agent, self.family, self.envs, subset_tasks,
                                lambda slots: self._context([subset[s] for s in slots]), cfg,
                                self.gen)
-        self.agent.train()
+        agent.train()
         metrics = {
             "AverageReturn_all_test_tasks": test.final_return,
             "AverageReturn_all_train_tasks": train.final_return,
@@ -349,6 +374,7 @@ class Trainer:
         t1 = time.perf_counter()
         self.update.set_kl_lambda(cfg.kl_lambda_at(it))
         stats = self.train_steps_for_iteration().tolist()
+        self.update_average()
         t2 = time.perf_counter()
         metrics: dict[str, float | None] = dict.fromkeys(
             ["AverageReturn_all_test_tasks", "AverageReturn_all_train_tasks",
