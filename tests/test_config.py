@@ -184,11 +184,13 @@ def test_sample_online_context_is_sparse_point_robots_and_not_for_rnn_traj(tiny_
         tiny_config(sample_online_context=True, encoder="rnn-traj")
 
 
-def test_agent_averaging_is_sparse_point_robots_only_and_not_negative(tiny_config):
+def test_agent_averaging_presets_and_not_negative(tiny_config):
     assert make_config("sparse-point-robot", "default").agent_average_iterations == 25
-    for family in ("point-robot", "cheetah-vel"):
+    assert make_config("ant-dir", "default").agent_average_iterations == 10
+    for family in ("point-robot", "cheetah-vel", "ant-goal"):
         assert make_config(family, "default").agent_average_iterations == 0
-    assert make_config("sparse-point-robot", "paper").agent_average_iterations == 0
+    for family in ("sparse-point-robot", "ant-dir"):
+        assert make_config(family, "paper").agent_average_iterations == 0
     with pytest.raises(ConfigError, match="agent_average_iterations must be >= 0, got -1"):
         tiny_config(agent_average_iterations=-1)
 
