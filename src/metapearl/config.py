@@ -350,14 +350,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             # the goal from a few transitions is the hard part), a shorter effective horizon.
             # Factors with a rank-1 precision term (our extension, encoder.py): a transition's
             # "goal on a circle around s'" is a plane in (goal, |goal|^2) that diagonal factors
-            # cannot hold; with diagonal ones the meta-test return stalls near -10 (README).
+            # cannot hold; with diagonal ones the meta-test return stalls near -10.
             # Context batches of 2 whole trajectories, the context the scored trajectory acts on
             # (independent transitions from 10 trajectories train the encoder on richer context
             # than the meta-test gives it), with u bounded: unbounded, such contexts made the
-            # critic blow up in most runs (README). With u bounded the product's mean could still
+            # critic blow up in most runs. With u bounded the product's mean could still
             # land beyond the factors' means (|mu| 13-23 against <= 10), and in some runs the
             # critic's error on that z diverged for good: the mean is squashed by 12 tanh(mu / 12),
-            # under 1% smaller at the |mu| ~ 2 of a healthy run, 15% at 9 (README).
+            # under 1% smaller at the |mu| ~ 2 of a healthy run, 15% at 9.
+            # (The runs behind each of these: docs/measurements.md, point-robot.)
             net_size=64, encoder_size=200, batch_size=64, lr=1e-3, discount=0.9,
             reward_scale=100.0, factor_rank=1, context_trajectories=True, factor_u_bound=10.0,
             posterior_mean_bound=12.0,
@@ -383,10 +384,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             net_size=64, encoder_size=128, batch_size=64, lr=1e-3, reward_scale=20.0,
             kl_lambda=0.05,
             # the encoder only ever infers from 128 rows (training and collection); a product of
-            # the meta-test's up to 400 rows is ~3x narrower and settles on a wrong goal (README)
+            # the meta-test's up to 400 rows is ~3x narrower and settles on a wrong goal
             sample_online_context=True,
             # late single iterates score about 10 points either side of their level; an average
-            # over ~25 iterations scored 8 points above the iterates beside it (README)
+            # over ~25 iterations scored 8 points above the iterates beside it
+            # (both: docs/measurements.md, sparse-point-robot)
             agent_average_iterations=25,
         ),
     },
@@ -422,7 +424,7 @@ PRESETS.update({
     # control cost); discount 0.95 (so the survival bonus no longer dwarfs the velocity term in
     # Q); 2 tasks x 128 rows per step (a step 1.3x cheaper than 4 x 128, and 55-minute runs scored
     # no lower); 200/300 steps per iteration; the agent averaged over ~10 iterations. Within an
-    # hour it rises visibly above standing still in 3 of 4 seeds (README, "Other MuJoCo families")
+    # hour it rises visibly above standing still in 3 of 4 seeds (docs/measurements.md)
     "ant-dir": _mujoco_presets(2, 2, 4, 400, 600, 4000, 256, num_evals=4, cpu=dict(
         net_size=64, encoder_size=64, meta_batch=2, embedding_batch_size=128,
         num_train_steps_per_itr=3000, num_steps_prior=200, num_extra_rl_steps_posterior=300,

@@ -112,10 +112,10 @@ class ContextEncoder(nn.Module):
     zero, so training starts from nearly diagonal factors. With ``u_bound`` > 0 each element of
     u is squashed to (-u_bound, u_bound) by u_bound * tanh(u / u_bound): a product of factors
     with large, nearly parallel u extrapolates its mean far outside the factors' means, and the
-    critic then meets z it was never trained on (README, point-robot). With ``mean_bound`` b > 0
-    each element of the posterior mean is squashed to (-b, b) by b tanh(mu / b): bounded u still
-    let nearly parallel factors put it beyond the factors' own means, and the critic's error on
-    that z fed back into the encoder until the run diverged (README, point-robot).
+    critic then meets z it was never trained on. With ``mean_bound`` b > 0 each element of the
+    posterior mean is squashed to (-b, b) by b tanh(mu / b): bounded u still let nearly parallel
+    factors put it beyond the factors' own means, and the critic's error on that z fed back into
+    the encoder until the run diverged (both: docs/measurements.md, point-robot).
     With ``use_information_bottleneck=False`` the encoder outputs `latent` numbers per transition,
     the posterior mean is their mean over the context and its variance is zero (deterministic z).
     """

@@ -130,7 +130,7 @@ class Trainer:
         self.update = PEARLUpdate(self.agent, self.critics, cfg)
         # what is evaluated and deployed: the last iterate, or a moving average of it (our
         # extension; a single late iterate of sparse-point-robot scores 10 points either side of
-        # its level, README)
+        # its level, docs/measurements.md)
         self.averaged = copy.deepcopy(self.agent) if cfg.agent_average_iterations else None
         self.rl_buffer = TaskReplayBuffer(cfg.num_train_tasks, obs_dim, act_dim,
                                           cfg.replay_buffer_size, self.device)
