@@ -52,9 +52,11 @@ def mlp_macs(in_dim: int, hidden: int, out_dim: int, layers: int = 3) -> int:
     return sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
 
 
-def update_flops(cfg: PEARLConfig, obs_dim: int, act_dim: int) -> float:
+def update_flops(cfg: PEARLConfig, obs_dim: int, act_dim: int, routed_min_q: bool) -> float:
     """FLOPs of one PEARL gradient step (matmuls only; forward 2 per MAC, backward 4 per MAC for
-    trained weights, 2 per MAC where only the input gradient flows)."""
+    trained weights, 2 per MAC where only the input gradient flows). routed_min_q: the policy's
+    min Q back-propagates through each member over the rows where it is the minimum only (on CPU,
+    `EnsembleMLP.min_over_members`), so over one member's worth of rows, not both members'."""
     n = cfg.meta_batch * cfg.batch_size
     ctx_rows = cfg.meta_batch * cfg.embedding_batch_size
     ctx_dim = obs_dim + act_dim + 1 + (obs_dim if cfg.use_next_obs_in_context else 0)
@@ -64,9 +66,10 @@ def update_flops(cfg: PEARLConfig, obs_dim: int, act_dim: int) -> float:
     v = mlp_macs(obs_dim + lat, h, 1) * n
     pi = mlp_macs(obs_dim + lat, h, 2 * act_dim) * n
     trained = enc + q + v + pi  # forward + weight and input gradients
-    input_only = q  # min Q of the policy's actions: gradients reach the actions only
+    min_q_forward = q  # min Q of the policy's actions: both members forward ...
+    min_q_backward = q / 2 if routed_min_q else q  # ... and gradients reach the actions only
     no_grad = v  # target V
-    return 6 * trained + 4 * input_only + 2 * no_grad
+    return 6 * trained + 2 * min_q_forward + 2 * min_q_backward + 2 * no_grad
 
 
 # --- the reference's cost structure -------------------------------------------------------------
@@ -300,7 +303,7 @@ def main() -> None:
             update.step(*sample(), gen)
 
     n_mat = 8192 if device.type == "cuda" else 2048
-    flops = update_flops(cfg, obs_dim, act_dim)
+    flops = update_flops(cfg, obs_dim, act_dim, routed_min_q=device.type == "cpu")
     ours_settings()
     log(f"# {cfg.family} {cfg.preset}: {flops / 1e9:.1f} GFLOP per gradient step, device "
         f"{device}, ours: {cpu.describe()}; reference-style: torch matmuls")

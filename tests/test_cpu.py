@@ -58,15 +58,23 @@ def test_numpy_matmuls_give_torch_values_and_gradients(make_net, x_shape,
         torch.testing.assert_close(g_n, g_t)
 
 
-def test_numpy_matmuls_with_detached_parameters_pass_gradients_to_the_input_only(
+def test_min_over_members_through_numpy_gives_torch_values_and_input_gradients(
         every_matmul_through_numpy):
-    cpu.configure("numpy", 2)
-    ens, x = EnsembleMLP(2, 5, 8, 1), torch.randn(10, 5, requires_grad=True)
-    out = ens(x, detach_params=True)
-    assert "_NumpyLinearBackward" in _graph_names(out)
-    out.sum().backward()
+    torch.manual_seed(0)
+    ens, x = EnsembleMLP(2, 5, 32, 1), torch.randn(64, 5)
+    with torch.no_grad():
+        ens.weights[-1].mul_(300.0)
+    results = {}
+    for gemm in ("numpy", "torch"):
+        cpu.configure(gemm, 2)
+        xg = x.clone().requires_grad_(True)
+        out = ens.min_over_members(xg)
+        (out * torch.arange(64.0).unsqueeze(1)).sum().backward()
+        results[gemm] = out.detach(), xg.grad
     assert all(p.grad is None for p in ens.parameters())
-    assert x.grad.abs().sum() > 0
+    torch.testing.assert_close(results["numpy"][0], results["torch"][0])
+    torch.testing.assert_close(results["numpy"][1], results["torch"][1])
+    assert results["torch"][1].abs().sum() > 0
 
 
 def test_small_matmuls_stay_in_torch(restore_cpu_settings):

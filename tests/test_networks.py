@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from metapearl.networks import MLP, EnsembleMLP, NumpyTanhGaussianPolicy, TanhGaussianPolicy
@@ -43,21 +44,53 @@ def test_log_std_is_clamped_and_deterministic_action_is_tanh_of_mean():
     assert torch.all(policy(torch.zeros(3, 2))[3] == -20.0)
 
 
-def test_ensemble_equals_separate_mlps_and_detach_params_blocks_parameter_grads():
+def _members(ens: EnsembleMLP, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each member's output, layer by layer from the stacked parameters held constant."""
+    outs = []
+    for k in range(ens.weights[0].shape[0]):
+        h = x
+        for i, (w, b) in enumerate(zip(ens.weights, ens.biases, strict=True)):
+            h = h @ w[k].detach() + b[k].detach()
+            h = torch.relu(h) if i < len(ens.weights) - 1 else h
+        outs.append(h)
+    return outs
+
+
+def test_ensemble_equals_separate_mlps():
     torch.manual_seed(0)
     ens = EnsembleMLP(2, 5, 8, 1)
-    x = torch.randn(10, 5, requires_grad=True)
+    x = torch.randn(10, 5)
     out = ens(x)
     assert out.shape == (2, 10, 1)
-    for k in range(2):
-        h = x
-        for i in range(4):
-            h = h @ ens.weights[i][k] + ens.biases[i][k]
-            h = torch.relu(h) if i < 3 else h
+    for k, h in enumerate(_members(ens, x)):
         torch.testing.assert_close(out[k], h)
-    ens(x, detach_params=True).sum().backward()
+
+
+@pytest.mark.parametrize("members", [2, 3])
+def test_min_over_members_is_the_minimum_with_gradients_to_the_input_only(members):
+    torch.manual_seed(0)
+    ens = EnsembleMLP(members, 5, 16, 1).double()
+    with torch.no_grad():  # outputs of order 1, so that the members' minima differ row by row
+        ens.weights[-1].mul_(300.0)
+    x = torch.randn(200, 5, dtype=torch.float64)
+    upstream = torch.randn(200, 1, dtype=torch.float64)  # a different weight for every row
+    # independent: autograd through torch.min over members written out layer by layer
+    xr = x.clone().requires_grad_(True)
+    expected = torch.stack(_members(ens, xr)).min(dim=0)
+    (expected.values * upstream).sum().backward()
+    assert len(set(expected.indices.flatten().tolist())) == members  # every member is a minimum
+
+    xg = x.clone().requires_grad_(True)
+    got = ens.min_over_members(xg)
+    torch.testing.assert_close(got, expected.values.detach())
+    (got * upstream).sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad)
     assert all(p.grad is None for p in ens.parameters())
-    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_min_over_members_refuses_more_than_one_output():
+    with pytest.raises(ValueError, match="one output"):
+        EnsembleMLP(2, 5, 8, 3).min_over_members(torch.randn(4, 5))
 
 
 def test_mlp_last_layer_starts_small():

@@ -104,8 +104,7 @@ class PEARLUpdate:
         policy_in = torch.cat([obs, zd], dim=-1)
         new_actions, log_pi, mean, log_std = agent.policy(policy_in, generator=generator)
         log_pi = log_pi.unsqueeze(-1)
-        min_q_new = critics.qf(torch.cat([obs, new_actions, zd], dim=-1),
-                               detach_params=True).min(dim=0).values
+        min_q_new = critics.qf.min_over_members(torch.cat([obs, new_actions, zd], dim=-1))
         v = critics.vf(policy_in)
         loss_v = (v - (min_q_new - log_pi).detach()).pow(2).mean()
         loss_pi = (
