@@ -88,6 +88,18 @@ def test_min_over_members_is_the_minimum_with_gradients_to_the_input_only(member
     assert all(p.grad is None for p in ens.parameters())
 
 
+def test_min_over_members_when_one_member_is_never_the_minimum():
+    torch.manual_seed(0)
+    ens = EnsembleMLP(2, 5, 8, 1)
+    with torch.no_grad():
+        ens.biases[-1][1].fill_(100.0)
+    x = torch.randn(7, 5, requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    ens.min_over_members(x).sum().backward()
+    _members(ens, xr)[0].sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+
+
 def test_min_over_members_refuses_more_than_one_output():
     with pytest.raises(ValueError, match="one output"):
         EnsembleMLP(2, 5, 8, 3).min_over_members(torch.randn(4, 5))
