@@ -73,13 +73,9 @@ class _MinOverMembers(torch.autograd.Function):
         weights, biases = params[:n], params[n:]
         outs, hidden = [], []
         for m in range(weights[0].shape[0]):
-            h, acts = x, []
-            for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
-                h = linear(h, w[m], b[m])
-                if i < n - 1:
-                    acts.append(h.clamp_(min=0))  # ReLU
-            outs.append(h)
-            hidden.append(acts)
+            hidden.append([])
+            outs.append(EnsembleMLP._chain(x, [w[m] for w in weights], [b[m] for b in biases],
+                                           hidden[-1]))
         q, ctx.which = torch.stack(outs).min(dim=0)
         ctx.save_for_backward(*weights)
         ctx.hidden = hidden
@@ -169,8 +165,10 @@ class EnsembleMLP(nn.Module):
         return _MinOverMembers.apply(x, *weights, *biases)
 
     @staticmethod
-    def _chain(h: torch.Tensor, weights: list, biases: list) -> torch.Tensor:
-        """Linear-ReLU chain; batched over members when the weights are (n, in, out)."""
+    def _chain(h: torch.Tensor, weights: list, biases: list, hidden: list | None = None
+               ) -> torch.Tensor:
+        """Linear-ReLU chain; batched over members when the weights are (n, in, out). Appends
+        the ReLUs' outputs to `hidden` if given."""
         last = len(weights) - 1
         for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
             if w.dim() == 2:
@@ -179,6 +177,8 @@ class EnsembleMLP(nn.Module):
                 h = torch.baddbmm(b, h, w) if h.dim() == 3 else torch.matmul(h, w) + b
             if i < last:
                 h = F.relu(h, inplace=True)
+                if hidden is not None:
+                    hidden.append(h)
         return h
 
 
