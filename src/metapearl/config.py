@@ -424,7 +424,7 @@ PRESETS.update({
     # control cost); discount 0.95 (so the survival bonus no longer dwarfs the velocity term in
     # Q); 2 tasks x 128 rows per step (a step 1.3x cheaper than 4 x 128, and 55-minute runs scored
     # no lower); 200/300 steps per iteration; the agent averaged over ~10 iterations. Within an
-    # hour it rises visibly above standing still in 3 of 4 seeds (docs/measurements.md,
+    # hour it rises visibly above standing still in 4 of 5 seeds (docs/measurements.md,
     # "Other MuJoCo families")
     "ant-dir": _mujoco_presets(2, 2, 4, 400, 600, 4000, 256, num_evals=4, cpu=dict(
         net_size=64, encoder_size=64, meta_batch=2, embedding_batch_size=128,
