@@ -59,17 +59,25 @@ def test_numpy_matmuls_give_torch_values_and_gradients(make_net, x_shape,
 
 
 def test_min_over_members_through_numpy_gives_torch_values_and_input_gradients(
-        every_matmul_through_numpy):
+        every_matmul_through_numpy, monkeypatch):
     torch.manual_seed(0)
     ens, x = EnsembleMLP(2, 5, 32, 1), torch.randn(64, 5)
     with torch.no_grad():
         ens.weights[-1].mul_(300.0)
+    decisions = []  # every matmul's choice, forward and backward
+    through_numpy = networks._through_numpy
+    monkeypatch.setattr(networks, "_through_numpy",
+                        lambda a, w: decisions.append(through_numpy(a, w)) or decisions[-1])
     results = {}
     for gemm in ("numpy", "torch"):
         cpu.configure(gemm, 2)
+        decisions.clear()
         xg = x.clone().requires_grad_(True)
         out = ens.min_over_members(xg)
+        forward = len(decisions)
         (out * torch.arange(64.0).unsqueeze(1)).sum().backward()
+        assert 0 < forward < len(decisions)  # matmuls of the forward and of the backward
+        assert all(d == (gemm == "numpy") for d in decisions)
         results[gemm] = out.detach(), xg.grad
     assert all(p.grad is None for p in ens.parameters())
     torch.testing.assert_close(results["numpy"][0], results["torch"][0])
