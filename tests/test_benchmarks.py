@@ -104,31 +104,55 @@ def test_found_then_lost_statistics():
     assert module.degrees_off(rad(179.0), -179.0) == pytest.approx(2.0)
 
 
-@pytest.fixture(scope="module")
-def ant_dir_run(tmp_path_factory):
+def _ant_run(tmp_path_factory, family: str, **extra):
     pytest.importorskip("mujoco")
     from conftest import TINY
 
     from metapearl.config import make_config
 
-    out = tmp_path_factory.mktemp("bench") / "ant-dir"
-    cfg = make_config("ant-dir", "default", {**TINY, "num_train_tasks": 2, "num_test_tasks": 2})
-    train(cfg, out, progress=False)
+    out = tmp_path_factory.mktemp("bench") / family
+    train(make_config(family, "default", {**TINY, **extra}), out, progress=False)
     return out
 
 
-def test_ant_dir_gaits_reports_every_trajectory_of_both_tasks(ant_dir_run, runs):
-    out = _script("ant_dir_gaits.py", ant_dir_run, "--runs", "2")
+TRAJECTORY = (r"^  trajectory (\d): z \[[^]]*\]\s+dx\s+([-+]\d+\.\d\d) dy\s+([-+]\d+\.\d\d)"
+              r"(?:  to goal (\d+\.\d\d) -> (\d+\.\d\d))?\s+return\s+(-?\d+\.\d)\s+steps (\d+)$")
+
+
+def test_ant_gaits_reports_every_trajectory_of_both_ant_dir_tasks(tmp_path_factory, runs):
+    run = _ant_run(tmp_path_factory, "ant-dir", num_train_tasks=2, num_test_tasks=2)
+    out = _script("ant_gaits.py", run, "--runs", "2")
     assert re.findall(r"^task (\d) \(angle (\S+)\), run (\d)$", out, re.M) == [
         ("0", "0.00", "0"), ("0", "0.00", "1"), ("1", "3.14", "0"), ("1", "3.14", "1")]
-    rows = re.findall(r"^  trajectory (\d): z \[[^]]*\]\s+dx\s+([-+]\d+\.\d\d) dy\s+([-+]\d+\.\d\d)"
-                      r"\s+return\s+(-?\d+\.\d)\s+steps (\d+)$", out, re.M)
+    rows = re.findall(TRAJECTORY, out, re.M)
     # TINY: 40 evaluation steps in 10-step trajectories -> 4 per meta-test, 4 meta-tests
     assert [r[0] for r in rows] == ["1", "2", "3", "4"] * 4
-    assert all(1 <= int(r[4]) <= 10 for r in rows)
-    wrong = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ant_dir_gaits.py"),
+    assert all(1 <= int(r[6]) <= 10 and r[3] == r[4] == "" for r in rows)
+    wrong = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ant_gaits.py"),
                             str(runs["point-robot"])], capture_output=True, text=True)
-    assert wrong.returncode == 2 and "is not an ant-dir run" in wrong.stderr
+    assert wrong.returncode == 2 and "is not an ant-dir or ant-goal run" in wrong.stderr
+
+
+def test_ant_gaits_measures_the_distance_to_each_ant_goal_test_goal(tmp_path_factory):
+    from metapearl.checkpoint import load_checkpoint
+
+    run = _ant_run(tmp_path_factory, "ant-goal")
+    out = _script("ant_gaits.py", run, "--tasks", "2", "--runs", "1")
+    goals = [t["goal"] for t in load_checkpoint(run)["test_tasks"][:2]]
+    heads = re.findall(r"^task (\d) \(goal (\S+), (\S+)\), run 0$", out, re.M)
+    assert [(int(k), float(x), float(y)) for k, x, y in heads] == [
+        (k, pytest.approx(g[0], abs=0.005), pytest.approx(g[1], abs=0.005))
+        for k, g in enumerate(goals)]
+    blocks = out.split("task ")[1:]
+    assert len(blocks) == 2
+    for block, g in zip(blocks, goals, strict=True):
+        rows = re.findall(TRAJECTORY, block, re.M)
+        assert [r[0] for r in rows] == ["1", "2", "3", "4"]
+        for _, dx, dy, start, end, _, _ in rows:
+            # the ant starts within Ant-v5's reset noise (0.1 per coordinate) of the origin, and
+            # its distance at the end is the start's moved by (dx, dy)
+            assert abs(float(start) - abs(g[0]) - abs(g[1])) <= 0.21
+            assert abs(float(end) - float(start)) <= abs(float(dx)) + abs(float(dy)) + 0.01
 
 
 def test_ant_forward_only_trains_the_forward_task_alone(tmp_path):
