@@ -78,12 +78,11 @@ def main() -> None:
     for k, task in enumerate(tasks):
         family.set_task(task_env, task)
         goal = np.asarray(task["goal"]) if "goal" in task else None
+        what = f"angle {task['angle']:.2f}" if goal is None else f"goal {goal[0]:+.2f}, {goal[1]:+.2f}"
         for run in range(args.runs):
             rows.clear()
             adapt_to_task(agent, env, cfg, seed=args.seed * 1000 + 100 * k + run,
                           on_step=on_step)
-            what = (f"angle {task['angle']:.2f}" if goal is None
-                    else f"goal {goal[0]:+.2f}, {goal[1]:+.2f}")
             print(f"task {k} ({what}), run {run}")
             print("\n".join(rows[traj] for traj in sorted(rows)))
 
