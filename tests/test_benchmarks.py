@@ -155,12 +155,27 @@ def test_ant_gaits_measures_the_distance_to_each_ant_goal_test_goal(tmp_path_fac
             assert abs(float(end) - float(start)) <= abs(float(dx)) + abs(float(dy)) + 0.01
 
 
-def test_ant_forward_only_trains_the_forward_task_alone(tmp_path):
+def test_single_task_trains_one_task_of_a_family_alone(tmp_path):
     pytest.importorskip("mujoco")
     from conftest import TINY
 
+    from metapearl.checkpoint import load_checkpoint
+
     sets = [a for k, v in {**TINY, "num_iterations": 1}.items() for a in ("--set", f"{k}={v}")]
-    out = _script("ant_forward_only.py", "--out", tmp_path / "run", *sets)
-    assert out.startswith("# ant-fwd preset=default seed=0")
+    out = _script("single_task.py", "ant-goal", "--task", '{"goal": [2.0, 1.0]}',
+                  "--out", tmp_path / "run", *sets)
+    assert out.startswith("# ant-goal-one preset=default seed=0")
     assert "# untrained agent: AverageReturn_all_test_tasks" in out
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["family"] == "ant-fwd"
+    run = tmp_path / "run"
+    assert json.loads((run / "config.json").read_text())["family"] == "ant-goal-one"
+    state = load_checkpoint(run, mmap=True)
+    every = state["train_tasks"] + state["test_tasks"]
+    assert len(every) == TINY["num_train_tasks"] + TINY["num_test_tasks"]
+    assert all(t == {"goal": [2.0, 1.0]} for t in every)
+
+
+def test_single_task_refuses_a_task_of_another_family():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "single_task.py"),
+                             "point-robot", "--task", '{"angle": 0.0}'],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "point-robot task's keys" in result.stderr
