@@ -6,7 +6,7 @@ deterministic policy; z from the prior for the first `num_exp_traj_eval` traject
 the posterior of the trajectories so far) and print, per trajectory, the drawn z, the torso's
 displacement (dx, dy) in metres, the return and the length; for ant-goal also the torso's L1
 distance to the goal (the reward's term) at the trajectory's start and at its end.
-The tasks: ant-dir's two; the run's first `--tasks` test tasks for ant-goal.
+The tasks: the run's first `--tasks` test tasks (ant-dir has two).
 
     python benchmarks/ant_gaits.py runs/ant-dir [--runs 3]
     python benchmarks/ant_gaits.py runs/ant-goal [--tasks 8] [--runs 1]
@@ -23,10 +23,7 @@ import torch
 from metapearl.agent import PEARLAgent
 from metapearl.checkpoint import load_checkpoint, load_run_config
 from metapearl.evaluation import adapt_to_task
-from metapearl.tasks import get_family
-
-FAMILIES = ("ant-dir", "ant-goal")
-
+from metapearl.tasks import AntDir, AntGoal, get_family
 
 class Odometer(gym.Wrapper):
     """Remembers where the torso was at the last reset."""
@@ -45,7 +42,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
     parser.add_argument("--runs", type=int, default=3, help="meta-tests per task")
-    parser.add_argument("--tasks", type=int, default=8, help="ant-goal: test tasks to meta-test")
+    parser.add_argument("--tasks", type=int, default=8, help="test tasks to meta-test (ant-dir has 2)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.runs < 1 or args.tasks < 1:
@@ -53,15 +50,12 @@ def main() -> None:
 
     torch.set_num_threads(1)
     cfg = load_run_config(args.run_dir)
-    if cfg.family not in FAMILIES:
+    family = get_family(cfg.family)
+    if not isinstance(family, (AntDir, AntGoal)):
         parser.error(f"{args.run_dir} is not an ant-dir or ant-goal run (family {cfg.family})")
     agent = PEARLAgent.load(args.run_dir)
     agent.generator = torch.Generator().manual_seed(args.seed)
-    family = get_family(cfg.family)
-    if cfg.family == "ant-dir":
-        tasks = family.tasks
-    else:
-        tasks = load_checkpoint(args.run_dir, mmap=True)["test_tasks"][:args.tasks]
+    tasks = load_checkpoint(args.run_dir, mmap=True)["test_tasks"][:args.tasks]
     task_env = family.make_env()
     env = Odometer(task_env)
     rows: dict[int, str] = {}  # trajectory -> its line, as of its latest step
