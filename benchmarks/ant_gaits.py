@@ -10,11 +10,15 @@ The tasks: the run's first `--tasks` test tasks (ant-dir has two).
 
     python benchmarks/ant_gaits.py runs/ant-dir [--runs 3]
     python benchmarks/ant_gaits.py runs/ant-goal [--tasks 8] [--runs 1]
+
+A run of `benchmarks/single_task.py ant-dir|ant-goal` works too (its one task).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -24,6 +28,10 @@ from metapearl.agent import PEARLAgent
 from metapearl.checkpoint import load_checkpoint, load_run_config
 from metapearl.evaluation import adapt_to_task
 from metapearl.tasks import AntDir, AntGoal, get_family
+
+sys.path.insert(0, str(Path(__file__).parent))
+from single_task import one_task_family  # noqa: E402
+
 
 class Odometer(gym.Wrapper):
     """Remembers where the torso was at the last reset."""
@@ -42,20 +50,25 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
     parser.add_argument("--runs", type=int, default=3, help="meta-tests per task")
-    parser.add_argument("--tasks", type=int, default=8, help="test tasks to meta-test (ant-dir has 2)")
+    parser.add_argument("--tasks", type=int, default=8,
+                        help="test tasks to meta-test (ant-dir has 2)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.runs < 1 or args.tasks < 1:
         parser.error("--runs and --tasks must be at least 1")
 
     torch.set_num_threads(1)
+    state = load_checkpoint(args.run_dir, mmap=True)
+    tasks = state["test_tasks"][:args.tasks]
+    name = state["config"]["family"]
+    if name.endswith("-one"):  # a benchmarks/single_task.py run: its family, registered again
+        one_task_family(name.removesuffix("-one"), tasks[0])
     cfg = load_run_config(args.run_dir)
     family = get_family(cfg.family)
     if not isinstance(family, (AntDir, AntGoal)):
         parser.error(f"{args.run_dir} is not an ant-dir or ant-goal run (family {cfg.family})")
     agent = PEARLAgent.load(args.run_dir)
     agent.generator = torch.Generator().manual_seed(args.seed)
-    tasks = load_checkpoint(args.run_dir, mmap=True)["test_tasks"][:args.tasks]
     task_env = family.make_env()
     env = Odometer(task_env)
     rows: dict[int, str] = {}  # trajectory -> its line, as of its latest step

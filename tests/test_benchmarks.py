@@ -172,6 +172,9 @@ def test_single_task_trains_one_task_of_a_family_alone(tmp_path):
     every = state["train_tasks"] + state["test_tasks"]
     assert len(every) == TINY["num_train_tasks"] + TINY["num_test_tasks"]
     assert all(t == {"goal": [2.0, 1.0]} for t in every)
+    # ant_gaits.py registers the run's one-task family again, from the checkpoint
+    gaits = _script("ant_gaits.py", run, "--tasks", "1", "--runs", "1")
+    assert gaits.startswith("task 0 (goal +2.00, +1.00), run 0\n  trajectory 1:")
 
 
 def test_single_task_refuses_a_task_of_another_family():
