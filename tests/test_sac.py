@@ -1,7 +1,10 @@
 import copy
+import threading
 
+import pytest
 import torch
 
+from metapearl import cpu
 from metapearl.agent import PEARLAgent
 from metapearl.buffers import Batch
 from metapearl.sac import Critics, PEARLUpdate, critic_target
@@ -33,7 +36,7 @@ def _batch(tasks, n, terminal=0.0, seed=0):
 
 def _grads(update, rl, ctx):
     update.optimizer.zero_grad(set_to_none=True)
-    total, _ = update.losses(rl, ctx, torch.Generator().manual_seed(5))
+    total, _ = update.losses(rl, ctx, update.draw_noise(rl, torch.Generator().manual_seed(5)))
     total.backward()
     return {k: (v.grad.clone() if v.grad is not None else torch.zeros_like(v))
             for k, v in {**{f"agent.{n}": p for n, p in update.agent.named_parameters()},
@@ -78,19 +81,20 @@ def test_q_gradients_do_not_come_from_the_policy_loss(tiny_config):
 def test_terminal_transitions_ignore_the_target_network(tiny_config):
     cfg, agent, critics, update = _setup(tiny_config)
     rl, ctx = _batch(4, 8, terminal=1.0), _batch(4, 8, seed=1)
-    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    q_loss = update.losses(rl, ctx, g())[1][0]
+    g = lambda rl: update.draw_noise(rl, torch.Generator().manual_seed(3))  # noqa: E731
+    q_loss = update.losses(rl, ctx, g(rl))[1][0]
     _perturb(critics.target_vf)
-    assert update.losses(rl, ctx, g())[1][0] == q_loss
+    assert update.losses(rl, ctx, g(rl))[1][0] == q_loss
     rl_live = _batch(4, 8, terminal=0.0)
-    before = update.losses(rl_live, ctx, g())[1][0]
+    before = update.losses(rl_live, ctx, g(rl_live))[1][0]
     _perturb(critics.target_vf)
-    assert update.losses(rl_live, ctx, g())[1][0] != before
+    assert update.losses(rl_live, ctx, g(rl_live))[1][0] != before
 
 
 def test_kl_term_absent_without_information_bottleneck(tiny_config):
     cfg, agent, critics, update = _setup(tiny_config, use_information_bottleneck=False)
-    _, stats = update.losses(_batch(4, 8), _batch(4, 8, seed=1), None)
+    rl = _batch(4, 8)
+    _, stats = update.losses(rl, _batch(4, 8, seed=1), update.draw_noise(rl, None))
     assert stats[3] == 0
 
 
@@ -149,7 +153,7 @@ def test_losses_are_the_formulas_of_spec_section_3(tiny_config):
     tasks, n, lat = 3, 5, cfg.latent_size
     rl, ctx = _batch(tasks, n, seed=2), _batch(tasks, 4, seed=3)
     rl.terminals = (torch.arange(tasks * n).reshape(tasks, n, 1) % 2).float()
-    total, stats = update.losses(rl, ctx, torch.Generator().manual_seed(11))
+    total, stats = update.losses(rl, ctx, update.draw_noise(rl, torch.Generator().manual_seed(11)))
 
     # the update draws z's noise (tasks, latent), then the policy's (tasks * n, act), in this order
     g = torch.Generator().manual_seed(11)
@@ -203,3 +207,35 @@ def test_kl_weight_scales_only_the_encoder_gradient_part_from_kl(tiny_config):
     assert (grads[1.0] - grads[0.0]).abs().max() > 1e-6
     torch.testing.assert_close(grads[2.0] - grads[0.0], 2 * (grads[1.0] - grads[0.0]),
                                rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("tasks, threads", [(4, 2), (5, 3)])  # an even and an uneven split
+def test_a_step_split_over_threads_gives_the_unsplit_gradients_and_stats(tiny_config, monkeypatch,
+                                                                         tasks, threads):
+    cfg, agent, critics, update = _setup(tiny_config, kl_lambda=0.3)
+    for module in (agent.encoder, agent.policy, critics.qf, critics.vf, critics.target_vf):
+        _perturb(module, 0.2)
+    rl, ctx = _batch(tasks, 8, seed=2), _batch(tasks, 6, seed=3)
+    rl.terminals = (torch.arange(tasks * 8).reshape(tasks, 8, 1) % 3 == 0).float()
+    calls = []
+    losses = update.losses
+    monkeypatch.setattr(update, "losses", lambda rl, *a: calls.append(
+        (threading.get_ident(), rl.obs.shape[0])) or losses(rl, *a))
+    results = {}
+    try:
+        for gemm, n in (("torch", 1), ("numpy", threads)):
+            cpu.configure(gemm, n)
+            calls.clear()
+            stats = update.backward(rl, ctx, torch.Generator().manual_seed(7))
+            results[gemm] = stats, [p.grad.clone() for p in update._params]
+            if gemm == "numpy":  # one share per thread, of near-equal task counts
+                assert len({ident for ident, _ in calls}) == threads
+                assert sorted(count for _, count in calls) == sorted(
+                    tasks * (i + 1) // threads - tasks * i // threads for i in range(threads))
+    finally:
+        cpu.configure("torch")
+    (stats_t, grads_t), (stats_n, grads_n) = results["torch"], results["numpy"]
+    assert calls and len(grads_n) == len(grads_t) and all(g.abs().sum() > 0 for g in grads_t)
+    torch.testing.assert_close(stats_n, stats_t, rtol=1e-5, atol=1e-6)
+    for g_n, g_t in zip(grads_n, grads_t, strict=True):
+        torch.testing.assert_close(g_n, g_t, rtol=1e-4, atol=1e-6)

@@ -123,12 +123,12 @@ class PEARLConfig:
     # engineering
     max_parallel_envs: int = _f(64, "environments stepped side by side during collection")
     torch_threads: int = _f(
-        0, "CPU threads of torch, or of numpy's BLAS when it does the matmuls (0: the library's "
-        "default)"
+        0, "CPU compute threads: torch's, or under numpy matmuls those a gradient step splits its "
+        "tasks over (0: the library's default)"
     )
     cpu_gemm: str = _f(
-        "auto", "on CPU, the library of the networks' large matmuls: numpy (its BLAS on "
-        "torch_threads threads, torch's other ops on one), torch (all on torch_threads threads), "
+        "auto", "on CPU, the library of the networks' matmuls: numpy (its BLAS, with each gradient "
+        "step's tasks split over torch_threads threads), torch (each op on torch_threads threads), "
         "or auto (numpy for updates of at least 16 x 256 rows x 300^2 on an AMD CPU, else torch; see "
         "metapearl/cpu.py); a CUDA run always uses torch"
     )

@@ -3,18 +3,29 @@
 On CPU the gradient step is matmul-bound. torch's CPU wheels multiply through MKL, which on the AMD
 EPYC machines of this project ran the paper-size step's skinny matmuls (4096x300 @ 300x300 and
 their gradients) 1.26-1.47x slower than the OpenBLAS that numpy's wheels bundle; the gap shrinks
-with fewer rows (1.1-1.2x at 1024-2048). With `cpu_gemm = "numpy"` the networks' matmuls of at
-least `NUMPY_GEMM_MIN_MACS` multiply-accumulates go through numpy (`networks.linear`) on
-`torch_threads` BLAS threads, and torch's own ops run on one thread (both pools spinning on the
-same two cores made the step 3x slower); smaller matmuls stay in torch, whose calls cost less.
-With one torch thread for everything else this pays only for large updates: the paper cheetah-vel
-step (16 x 256 rows, 300 wide) ran ~1.3x faster, 8 x 256 rows the same, and the small default
-presets 13-28% slower. On an Intel Xeon (Sapphire Rapids, AVX-512), MKL's own ground, the same paper
-step was instead 1.25-1.3x *slower* through numpy (192 against 148 ms), numpy's OpenBLAS being no
-faster there than MKL and torch's other ops losing their second thread. So `cpu_gemm = "auto"` (the
-default) takes numpy only on an AMD CPU and when the RL batch's hidden matmul
-(meta_batch * batch_size * net_size^2 MACs) reaches `AUTO_NUMPY_MIN_MACS`; torch otherwise.
-`cpu_gemm = "torch"` keeps everything in torch, on `torch_threads` threads.
+with fewer rows (1.1-1.2x at 1024-2048). With `cpu_gemm = "numpy"` the networks' float32 matmuls
+go through numpy (`networks.linear`); BLAS and torch get one thread each, and the gradient step
+splits its meta-batch's tasks over `torch_threads` threads (`update_shards`,
+`PEARLUpdate.backward`), each computing its tasks' share of the losses and of the gradients.
+
+Why split. At first numpy's BLAS had the threads and torch's own ops one (both pools spinning on the
+same two cores made the step 3x slower). The step's memory-bound passes (ReLU backward, bias adds
+and sums, ~45 ms of the ~200 ms paper step on a Zen 4 EPYC) then ran on one core while the other
+waited. Split by tasks, every pass runs on both cores and no pool spins against another: the
+paper step's losses and gradients took 167 against 191 ms (medians of 6 alternating rounds in one
+process; 171 against 234 ms in a slower phase of the machine). Why every matmul, small ones too:
+a torch (MKL) matmul on a second thread left the process's later two-thread torch work 10-30%
+slower (seen in `benchmarks/throughput.py`'s reference-style step), and numpy's calls cost the
+split step nothing measurable.
+
+Where numpy pays. The old, unsplit numpy path paid only for large updates: the paper cheetah-vel
+step (16 x 256 rows, 300 wide) ran ~1.3x faster than torch, 8 x 256 rows the same, and the small
+default presets 13-28% slower. On an Intel Xeon (Sapphire Rapids, AVX-512), MKL's own ground, the
+same paper step was instead 1.25-1.3x *slower* through numpy (192 against 148 ms), numpy's OpenBLAS
+being no faster there than MKL. So `cpu_gemm = "auto"` (the default) takes numpy only on an AMD CPU
+and when the RL batch's hidden matmul (meta_batch * batch_size * net_size^2 MACs) reaches
+`AUTO_NUMPY_MIN_MACS`; torch otherwise. `cpu_gemm = "torch"` keeps everything in torch, on
+`torch_threads` threads.
 
 Memory: a step allocates and frees a few dozen activation tensors of several MB each. glibc serves
 them by fresh mmaps or returns them to the system when freed, so every step page-faulted ~2,000-9,000
@@ -37,7 +48,6 @@ import torch
 from threadpoolctl import threadpool_info, threadpool_limits
 
 CPU_GEMMS = ("auto", "numpy", "torch")
-NUMPY_GEMM_MIN_MACS = 1 << 22  # below ~4M multiply-accumulates torch's lower call overhead wins
 AUTO_NUMPY_MIN_MACS = 1 << 28  # 268M: above 8 x 256 x 300^2 (no gain), below 16 x 256 x 300^2
 AUTO_NUMPY_VENDORS = ("AuthenticAMD",)  # the CPUs on which numpy's BLAS was measured faster
 # glibc's mallopt parameters, and what they are set to: allocations below 64 MB come from the heap,
@@ -53,8 +63,14 @@ _threads = _DEFAULT_TORCH_THREADS
 
 
 def numpy_gemm_enabled() -> bool:
-    """True when CPU matmuls of at least NUMPY_GEMM_MIN_MACS go through numpy's BLAS."""
+    """True when the networks' float32 CPU matmuls go through numpy's BLAS."""
     return _numpy_gemm
+
+
+def update_shards(tasks: int) -> int:
+    """Over how many threads a CPU gradient step on `tasks` tasks splits them: the compute
+    threads under numpy's BLAS (at most one per task), else 1 (torch's threads share each op)."""
+    return min(_threads, tasks) if _numpy_gemm else 1
 
 
 def configure_for(cfg) -> None:
@@ -98,19 +114,21 @@ def keep_freed_memory() -> bool:
 def configure(cpu_gemm: str, threads: int = 0) -> None:
     """Route CPU matmuls through `cpu_gemm` ("numpy" or "torch") and give the compute `threads`.
 
-    "numpy": numpy's BLAS gets the threads and torch gets one; "torch": both get them (numpy's
-    BLAS then serves only the rollouts' small matmuls). threads=0 means each library's default.
+    "numpy": BLAS and torch get one thread each, and a gradient step splits its tasks over the
+    threads (`update_shards`); "torch": BLAS and torch get them (numpy's BLAS then serves only the
+    rollouts' small matmuls). threads=0 means the library's default (numpy's BLAS's for numpy).
     """
     global _numpy_gemm, _threads
     if cpu_gemm not in ("numpy", "torch"):
         raise ValueError(f"cpu_gemm must be numpy or torch here, got {cpu_gemm!r}")
     _numpy_gemm = cpu_gemm == "numpy"
-    blas_threads, torch_threads = threads or _DEFAULT_BLAS_THREADS, threads or _DEFAULT_TORCH_THREADS
-    threadpool_limits(blas_threads, user_api="blas")
-    torch.set_num_threads(1 if _numpy_gemm else torch_threads)
-    _threads = blas_threads if _numpy_gemm else torch_threads
+    _threads = threads or (_DEFAULT_BLAS_THREADS if _numpy_gemm else _DEFAULT_TORCH_THREADS)
+    threadpool_limits(1 if _numpy_gemm else _threads, user_api="blas")
+    torch.set_num_threads(1 if _numpy_gemm else _threads)
 
 
 def describe() -> str:
-    """The current settings in words, e.g. "numpy matmuls, 2 threads"."""
-    return f"{'numpy' if _numpy_gemm else 'torch'} matmuls, {_threads} threads"
+    """The current settings in words, e.g. "torch matmuls, 2 threads"."""
+    if _numpy_gemm:
+        return f"numpy matmuls, the update's tasks split over {_threads} threads"
+    return f"torch matmuls, {_threads} threads"

@@ -246,11 +246,16 @@ def prior(
 
 
 def sample_z(
-    mu: torch.Tensor, var: torch.Tensor, generator: torch.Generator | None = None
+    mu: torch.Tensor,
+    var: torch.Tensor,
+    generator: torch.Generator | None = None,
+    eps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """z ~ N(mu, var) by reparameterisation (gradients flow into mu and var); var holds variances
-    (..., latent) or a covariance (..., latent, latent)."""
-    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    (..., latent) or a covariance (..., latent, latent). eps: the standard normal draw, of mu's
+    shape; drawn from `generator` when None."""
+    if eps is None:
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     if var.dim() == mu.dim():
         return mu + var.sqrt() * eps
     return mu + (covariance_factor(var) @ eps.double().unsqueeze(-1)).squeeze(-1).to(mu.dtype)

@@ -47,12 +47,11 @@ class _NumpyLinear(torch.autograd.Function):
 def _through_numpy(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether x (..., in) @ w (in, out) goes through numpy's BLAS (cpu.py)."""
     return (cpu.numpy_gemm_enabled() and x.device.type == w.device.type == "cpu"
-            and x.dtype == w.dtype == torch.float32
-            and x.numel() * w.shape[1] >= cpu.NUMPY_GEMM_MIN_MACS)
+            and x.dtype == w.dtype == torch.float32)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """x (..., in) @ w (in, out) + b; large CPU matmuls through numpy's BLAS when cpu.py says so."""
+    """x (..., in) @ w (in, out) + b; CPU matmuls through numpy's BLAS when cpu.py says so."""
     if _through_numpy(x, w):
         return _NumpyLinear.apply(x, w, b)
     return torch.addmm(b, x, w) if x.dim() == 2 else torch.matmul(x, w) + b
@@ -191,6 +190,7 @@ class TanhGaussianPolicy(nn.Module):
     """pi(a | s, z) = tanh(N(mu, std^2)); log-std clamped to [-20, 2] (SPEC section 2).
 
     forward: x (N, obs_dim + latent) -> action (N, act), log_prob (N,), mean (N, act), log_std.
+    The Gaussian noise eps (N, act) is drawn from `generator` unless given.
     """
 
     def __init__(self, in_dim: int, action_dim: int, hidden: int, layers: int = 3):
@@ -204,13 +204,15 @@ class TanhGaussianPolicy(nn.Module):
         deterministic: bool = False,
         generator: torch.Generator | None = None,
         with_log_prob: bool = True,
+        eps: torch.Tensor | None = None,
     ):
         mean, log_std = self.net(x).chunk(2, dim=-1)
         log_std = log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
         if deterministic:
             return torch.tanh(mean), None, mean, log_std
         std = log_std.exp()
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        if eps is None:  # the standard normal draw, (N, act)
+            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         pre_tanh = mean + std * eps  # reparameterised
         action = torch.tanh(pre_tanh)
         log_prob = None

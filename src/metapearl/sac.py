@@ -13,10 +13,14 @@ usual SAC formulation and saves a forward pass.
 from __future__ import annotations
 
 import copy
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from metapearl import cpu
 from metapearl.agent import PEARLAgent
 from metapearl.buffers import Batch
 from metapearl.encoder import kl_to_standard_normal, marginal_variance, sample_z
@@ -41,6 +45,19 @@ class Critics(nn.Module):
         self.target_vf = copy.deepcopy(self.vf).requires_grad_(False)
 
 
+class Noise(NamedTuple):
+    """A step's standard normal draws: z's (tasks, latent), None for a deterministic z, and the
+    policy's for its actions (tasks, n, act)."""
+
+    z: torch.Tensor | None
+    actions: torch.Tensor
+
+
+def _tasks(batch: Batch, part: slice) -> Batch:
+    """The transitions of a range of a batch's tasks (views)."""
+    return Batch(*(getattr(batch, f.name)[part] for f in dataclasses.fields(batch)))
+
+
 def critic_target(
     rewards: torch.Tensor,
     terminals: torch.Tensor,
@@ -59,7 +76,8 @@ class PEARLUpdate:
         self.agent, self.critics, self.cfg = agent, critics, cfg
         self._groups = [list(m.parameters()) for m in
                         (agent.encoder, agent.policy, critics.qf, critics.vf)]
-        params = [p for g in self._groups for p in g]
+        self._params = params = [p for g in self._groups for p in g]
+        self._pool: ThreadPoolExecutor | None = None  # the threads of a split step (backward)
         # Adam's step may be captured in a CUDA graph only when built capturable (graphs.py)
         extra = {"capturable": True} if cfg.cuda_graphs else {}
         try:
@@ -71,10 +89,22 @@ class PEARLUpdate:
         self._vf_params = list(critics.vf.parameters())
         self._target_params = list(critics.target_vf.parameters())
 
+    def draw_noise(self, rl: Batch, generator: torch.Generator | None) -> Noise:
+        """The standard normal draws of a step on `rl`'s tasks, in the order the step uses them."""
+        tasks, n, act = rl.actions.shape
+        draw = lambda *shape: torch.randn(shape, generator=generator, device=rl.actions.device)  # noqa: E731
+        z = draw(tasks, self.agent.latent_size) if self.agent.stochastic else None
+        return Noise(z, draw(tasks * n, act).view(tasks, n, act))
+
     def losses(
-        self, rl: Batch, context: Batch, generator: torch.Generator | None
+        self, rl: Batch, context: Batch, noise: Noise, share: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(total loss, stats) for one meta-batch; rl and context hold (tasks, n, dim) tensors."""
+        """(total loss, stats) for one meta-batch; rl and context hold (tasks, n, dim) tensors.
+
+        share: these tasks' fraction of the step's meta-batch. The mean losses and the stats are
+        scaled by it and the KL (a sum over tasks) is not, so the shares of a split meta-batch add
+        up to the whole's.
+        """
         cfg, agent, critics = self.cfg, self.agent, self.critics
         tasks, n = rl.obs.shape[:2]
 
@@ -82,7 +112,7 @@ class PEARLUpdate:
         ctx = agent.make_context(context.obs, context.actions, context.context_rewards,
                                  context.next_obs)
         mu, var = agent.posterior(ctx)
-        z = sample_z(mu, var, generator) if agent.stochastic else mu
+        z = sample_z(mu, var, eps=noise.z) if agent.stochastic else mu
         z = z.unsqueeze(1).expand(tasks, n, z.shape[-1]).reshape(tasks * n, -1)
         zd = z.detach()
         obs = rl.obs.reshape(tasks * n, -1)
@@ -102,7 +132,8 @@ class PEARLUpdate:
 
         # policy and V, on z detached
         policy_in = torch.cat([obs, zd], dim=-1)
-        new_actions, log_pi, mean, log_std = agent.policy(policy_in, generator=generator)
+        new_actions, log_pi, mean, log_std = agent.policy(policy_in,
+                                                          eps=noise.actions.reshape(tasks * n, -1))
         log_pi = log_pi.unsqueeze(-1)
         min_q_new = critics.qf.min_over_members(torch.cat([obs, new_actions, zd], dim=-1))
         v = critics.vf(policy_in)
@@ -113,10 +144,11 @@ class PEARLUpdate:
             + cfg.policy_std_reg_weight * log_std.pow(2).mean()
         )
 
+        loss_q, loss_v, loss_pi = share * loss_q, share * loss_v, share * loss_pi
         total = loss_q + self.kl_lambda * kl + loss_v + loss_pi
         stats = torch.stack([
-            loss_q, loss_v, loss_pi, kl, q.mean(), v.mean(), log_pi.mean(), mu.abs().mean(),
-            marginal_variance(var).mean(),
+            loss_q, loss_v, loss_pi, kl, share * q.mean(), share * v.mean(), share * log_pi.mean(),
+            share * mu.abs().mean(), share * marginal_variance(var).mean(),
         ]).detach()
         return total, stats
 
@@ -144,10 +176,40 @@ class PEARLUpdate:
         return stats
 
     def backward(self, rl: Batch, context: Batch, generator: torch.Generator | None) -> torch.Tensor:
-        """The losses and every network's gradients, no parameter changed; returns the stats."""
-        total, loss_stats = self.losses(rl, context, generator)
+        """The losses and every network's gradients, no parameter changed; returns the stats.
+
+        On CPU under numpy's BLAS the meta-batch's tasks are split over the compute threads
+        (`cpu.update_shards`, the reasons in cpu.py): each thread computes its tasks' share of the
+        losses and their gradients, and the shares are summed in a fixed order. The noise is
+        drawn beforehand, so the step is the unsplit one up to float32 rounding.
+        """
+        noise = self.draw_noise(rl, generator)
+        tasks = rl.obs.shape[0]
+        shards = cpu.update_shards(tasks) if rl.obs.device.type == "cpu" else 1
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        if shards == 1:
+            total, loss_stats = self.losses(rl, context, noise)
+            total.backward()
+            return torch.cat([loss_stats, self.grad_norms()])
+        bounds = [tasks * i // shards for i in range(shards + 1)]
+        parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+        def share(part: slice) -> tuple[list[torch.Tensor], torch.Tensor]:
+            total, stats = self.losses(_tasks(rl, part), _tasks(context, part),
+                                       Noise(*(None if x is None else x[part] for x in noise)),
+                                       (part.stop - part.start) / tasks)
+            return list(torch.autograd.grad(total, self._params)), stats
+
+        if self._pool is None or self._pool._max_workers < shards - 1:
+            self._pool = ThreadPoolExecutor(shards - 1, thread_name_prefix="metapearl-update")
+        others = [self._pool.submit(share, part) for part in parts[1:]]
+        grads, loss_stats = share(parts[0])  # this thread takes the first share
+        for other in others:
+            more, more_stats = other.result()
+            torch._foreach_add_(grads, more)
+            loss_stats = loss_stats + more_stats
+        for p, g in zip(self._params, grads, strict=True):
+            p.grad = g
         return torch.cat([loss_stats, self.grad_norms()])
 
     def apply(self) -> None:
