@@ -209,7 +209,9 @@ class PEARLUpdate:
             torch._foreach_add_(grads, more)
             loss_stats = loss_stats + more_stats
         for p, g in zip(self._params, grads, strict=True):
-            p.grad = g
+            # in the parameter's layout, as autograd's own accumulation leaves it: a fused Adam
+            # reads a gradient as flat memory (an MLP weight's comes back as a transposed view)
+            p.grad = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
         return torch.cat([loss_stats, self.grad_norms()])
 
     def apply(self) -> None:
