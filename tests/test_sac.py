@@ -242,5 +242,5 @@ def test_a_step_split_over_threads_is_the_unsplit_step(tiny_config, monkeypatch,
         torch.testing.assert_close(g_n, g_t, rtol=1e-4, atol=1e-6)
     # Adam's first step moves each parameter by about lr * sign(gradient): rounding may flip the
     # sign of a gradient near 0, a gradient read in the wrong layout flips about half of them
-    moved_alike = torch.cat([((a - b).abs() < 1e-6).flatten() for a, b in zip(after_n, after_t)])
+    moved_alike = torch.cat([((a - b).abs() < 1e-6).flatten() for a, b in zip(after_n, after_t, strict=True)])
     assert moved_alike.float().mean() > 0.99
