@@ -209,9 +209,16 @@ def test_kl_weight_scales_only_the_encoder_gradient_part_from_kl(tiny_config):
                                rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("encoder", [
+    {},  # the paper's product of diagonal Gaussians
+    {"factor_rank": 1},
+    {"use_information_bottleneck": False},  # a deterministic z: no z noise
+    {"encoder": "rnn-tran", "rnn_bptt_steps": 3},
+])
 @pytest.mark.parametrize("tasks, threads", [(4, 2), (5, 3)])  # an even and an uneven split
-def test_a_step_split_over_threads_is_the_unsplit_step(tiny_config, monkeypatch, tasks, threads):
-    cfg, agent, critics, _ = _setup(tiny_config, kl_lambda=0.3)
+def test_a_step_split_over_threads_is_the_unsplit_step(tiny_config, monkeypatch, tasks, threads,
+                                                       encoder):
+    cfg, agent, critics, _ = _setup(tiny_config, kl_lambda=0.3, **encoder)
     for module in (agent.encoder, agent.policy, critics.qf, critics.vf, critics.target_vf):
         _perturb(module, 0.2)
     rl, ctx = _batch(tasks, 8, seed=2), _batch(tasks, 6, seed=3)
@@ -231,8 +238,10 @@ def test_a_step_split_over_threads_is_the_unsplit_step(tiny_config, monkeypatch,
                              [p.detach().clone() for p in update._params])
     finally:
         cpu.configure("torch")
-    # one share per thread, of near-equal task counts
-    assert len({ident for ident, _ in calls}) == threads
+    # shares of near-equal task counts, the first on this thread and the others on the pool's
+    # (an idle pool thread may take a second share)
+    idents = [ident for ident, _ in calls]
+    assert idents.count(threading.get_ident()) == 1 and len(set(idents)) >= 2
     assert sorted(count for _, count in calls) == sorted(
         tasks * (i + 1) // threads - tasks * i // threads for i in range(threads))
     (stats_t, grads_t, after_t), (stats_n, grads_n, after_n) = results["torch"], results["numpy"]

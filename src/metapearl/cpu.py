@@ -3,10 +3,11 @@
 On CPU the gradient step is matmul-bound. torch's CPU wheels multiply through MKL, which on the AMD
 EPYC machines of this project ran the paper-size step's skinny matmuls (4096x300 @ 300x300 and
 their gradients) 1.26-1.47x slower than the OpenBLAS that numpy's wheels bundle; the gap shrinks
-with fewer rows (1.1-1.2x at 1024-2048). With `cpu_gemm = "numpy"` the networks' float32 matmuls
-go through numpy (`networks.linear`); BLAS and torch get one thread each, and the gradient step
-splits its meta-batch's tasks over `torch_threads` threads (`update_shards`,
-`PEARLUpdate.backward`), each computing its tasks' share of the losses and of the gradients.
+with fewer rows (1.1-1.2x at 1024-2048). With `cpu_gemm = "numpy"` the float32 matmuls of the
+MLPs (every network but the recurrent encoders' GRU) go through numpy (`networks.linear`); BLAS
+and torch get one thread each, and the gradient step splits its meta-batch's tasks over
+`torch_threads` threads (`update_shards`, `PEARLUpdate.backward`), each computing its tasks' share
+of the losses and of the gradients. Everything else (rollouts, evaluation) runs on one thread.
 
 Why split. At first numpy's BLAS had the threads and torch's own ops one (both pools spinning on the
 same two cores made the step 3x slower). The step's memory-bound passes (ReLU backward, bias adds
@@ -116,15 +117,16 @@ def configure(cpu_gemm: str, threads: int = 0) -> None:
 
     "numpy": BLAS and torch get one thread each, and a gradient step splits its tasks over the
     threads (`update_shards`); "torch": BLAS and torch get them (numpy's BLAS then serves only the
-    rollouts' small matmuls). threads=0 means the library's default (numpy's BLAS's for numpy).
+    rollouts' small matmuls). threads=0 means each library's default (numpy's BLAS's for the split).
     """
     global _numpy_gemm, _threads
     if cpu_gemm not in ("numpy", "torch"):
         raise ValueError(f"cpu_gemm must be numpy or torch here, got {cpu_gemm!r}")
     _numpy_gemm = cpu_gemm == "numpy"
-    _threads = threads or (_DEFAULT_BLAS_THREADS if _numpy_gemm else _DEFAULT_TORCH_THREADS)
-    threadpool_limits(1 if _numpy_gemm else _threads, user_api="blas")
-    torch.set_num_threads(1 if _numpy_gemm else _threads)
+    blas_threads, torch_threads = threads or _DEFAULT_BLAS_THREADS, threads or _DEFAULT_TORCH_THREADS
+    threadpool_limits(1 if _numpy_gemm else blas_threads, user_api="blas")
+    torch.set_num_threads(1 if _numpy_gemm else torch_threads)
+    _threads = blas_threads if _numpy_gemm else torch_threads
 
 
 def describe() -> str:

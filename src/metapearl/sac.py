@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import NamedTuple
 
 import torch
@@ -78,6 +78,7 @@ class PEARLUpdate:
                         (agent.encoder, agent.policy, critics.qf, critics.vf)]
         self._params = params = [p for g in self._groups for p in g]
         self._pool: ThreadPoolExecutor | None = None  # the threads of a split step (backward)
+        self._pool_workers = 0
         # Adam's step may be captured in a CUDA graph only when built capturable (graphs.py)
         extra = {"capturable": True} if cfg.cuda_graphs else {}
         try:
@@ -200,14 +201,18 @@ class PEARLUpdate:
                                        (part.stop - part.start) / tasks)
             return list(torch.autograd.grad(total, self._params)), stats
 
-        if self._pool is None or self._pool._max_workers < shards - 1:
+        if self._pool is None or self._pool_workers < shards - 1:
+            self._pool_workers = shards - 1
             self._pool = ThreadPoolExecutor(shards - 1, thread_name_prefix="metapearl-update")
         others = [self._pool.submit(share, part) for part in parts[1:]]
-        grads, loss_stats = share(parts[0])  # this thread takes the first share
-        for other in others:
-            more, more_stats = other.result()
-            torch._foreach_add_(grads, more)
-            loss_stats = loss_stats + more_stats
+        try:
+            grads, loss_stats = share(parts[0])  # this thread takes the first share
+            for other in others:
+                more, more_stats = other.result()
+                torch._foreach_add_(grads, more)
+                loss_stats = loss_stats + more_stats
+        finally:  # on an error, no share is left running
+            wait(others)
         for p, g in zip(self._params, grads, strict=True):
             # in the parameter's layout, as autograd's own accumulation leaves it: a fused Adam
             # reads a gradient as flat memory (an MLP weight's comes back as a transposed view)
