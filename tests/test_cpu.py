@@ -30,6 +30,7 @@ def _graph_names(t: torch.Tensor) -> set[str]:
 @pytest.mark.parametrize("make_net, x_shape", [
     (lambda: MLP(6, 32, 3), (50, 6)),
     (lambda: MLP(6, 32, 3), (4, 7, 6)),  # the encoder's (tasks, transitions, dim) input
+    (lambda: MLP(6, 32, 3, layers=1), (50, 6)),
     (lambda: EnsembleMLP(2, 6, 32, 1), (50, 6)),
 ])
 def test_numpy_matmuls_give_torch_values_and_gradients(make_net, x_shape,
@@ -42,7 +43,7 @@ def test_numpy_matmuls_give_torch_values_and_gradients(make_net, x_shape,
         xg = x.clone().requires_grad_(True)
         net.zero_grad(set_to_none=True)
         out = net(xg)
-        assert ("_NumpyLinearBackward" in _graph_names(out)) == (gemm == "numpy")
+        assert ("_NumpyMLPBackward" in _graph_names(out)) == (gemm == "numpy")
         out.pow(2).sum().backward()
         results[gemm] = (out.detach(), xg.grad, [p.grad for p in net.parameters()])
     (out_n, gx_n, grads_n), (out_t, gx_t, grads_t) = results["numpy"], results["torch"]
@@ -86,9 +87,9 @@ def test_under_numpy_small_matmuls_go_through_numpy_too(restore_cpu_settings):
     for gemm in ("numpy", "torch"):
         cpu.configure(gemm, 2)
         names = _graph_names(policy(torch.randn(8, 6))[1])
-        assert ("_NumpyLinearBackward" in names) == (gemm == "numpy")
+        assert ("_NumpyMLPBackward" in names) == (gemm == "numpy")
     cpu.configure("numpy", 2)  # float64 stays in torch
-    assert "_NumpyLinearBackward" not in _graph_names(
+    assert "_NumpyMLPBackward" not in _graph_names(
         policy.double()(torch.randn(8, 6, dtype=torch.float64))[1])
 
 
@@ -180,8 +181,8 @@ def test_unknown_cpu_gemm_is_rejected():
 def test_training_through_numpy_matmuls_is_seeded_and_matches_torch(
         tiny_config, tmp_path, restore_cpu_settings, monkeypatch):
     calls = []
-    apply = networks._NumpyLinear.apply
-    monkeypatch.setattr(networks._NumpyLinear, "apply", lambda *a: calls.append(1) or apply(*a))
+    apply = networks._NumpyMLP.apply
+    monkeypatch.setattr(networks._NumpyMLP, "apply", lambda *a: calls.append(1) or apply(*a))
 
     def losses(name, gemm, threads):
         calls.clear()

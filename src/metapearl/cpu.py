@@ -4,7 +4,7 @@ On CPU the gradient step is matmul-bound. torch's CPU wheels multiply through MK
 EPYC machines of this project ran the paper-size step's skinny matmuls (4096x300 @ 300x300 and
 their gradients) 1.26-1.47x slower than the OpenBLAS that numpy's wheels bundle; the gap shrinks
 with fewer rows (1.1-1.2x at 1024-2048). With `cpu_gemm = "numpy"` the float32 matmuls of the
-MLPs (every network but the recurrent encoders' GRU) go through numpy (`networks.linear`); BLAS
+MLPs (every network but the recurrent encoders' GRU) go through numpy (`networks.mlp_chain`); BLAS
 and torch get one thread each, and the gradient step splits its meta-batch's tasks over
 `torch_threads` threads (`update_shards`, `PEARLUpdate.backward`), each computing its tasks' share
 of the losses and of the gradients. Everything else (rollouts, evaluation) runs on one thread.

@@ -16,32 +16,66 @@ LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # SPEC section 2
 LAST_LAYER_INIT = 3e-3  # the reference's output-layer init: small first outputs
 
 
-class _NumpyLinear(torch.autograd.Function):
-    """x (..., in) @ w (in, out) + b with the matmuls of forward and backward in numpy (see cpu.py).
+def _numpy_chain(x: np.ndarray, weights: list, biases: list
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The forward of a linear-ReLU chain, its matmuls in numpy: (output, the ReLUs' outputs).
+    x (N, in) float32; weights (in, out) and biases (out,) or (1, out) as tensors."""
+    hidden, h = [], x
+    last = len(weights) - 1
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        out = torch.from_numpy(h @ w.numpy())
+        if i < last:
+            torch.ops.aten._add_relu_.Tensor(out, b.reshape(-1))  # bias and ReLU in one pass
+            hidden.append(out)
+            h = out.numpy()
+        else:
+            out.add_(b.reshape(-1))
+    return out, hidden
 
+
+class _NumpyMLP(torch.autograd.Function):
+    """A linear-ReLU chain with its matmuls in numpy (see cpu.py), as one autograd node.
+
+    Inputs: x (..., in), then the weights (in, out) and the biases (out,) or (1, out). Against a
+    node per linear layer and per ReLU, it adds each bias and applies the ReLU in one pass, masks
+    each fresh input gradient in place (no new 4.9 MB tensor per ReLU backward), and returns each
+    weight's gradient in the weight's own layout: the paper-size split step ran 4% faster.
     Tensors and arrays share memory both ways, so nothing is copied around the BLAS calls.
     """
 
     @staticmethod
-    def forward(ctx, x, w, b):
+    def forward(ctx, x, *params):
+        n = len(params) // 2
+        weights = [w.detach() for w in params[:n]]
+        biases = [b.detach() for b in params[n:]]
         shape = x.shape
         x2 = x.detach().reshape(-1, shape[-1])
-        ctx.save_for_backward(x2, w)
-        ctx.x_shape, ctx.b_shape = shape, b.shape
-        out = (x2.numpy() @ w.detach().numpy()).reshape(*shape[:-1], w.shape[1])
-        return torch.from_numpy(out).add_(b)
+        out, hidden = _numpy_chain(x2.numpy(), weights, biases)
+        ctx.save_for_backward(x2, *hidden, *weights)
+        ctx.x_shape, ctx.b_shapes = shape, [b.shape for b in biases]
+        return out.reshape(*shape[:-1], out.shape[-1])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x2, w = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        n = len(ctx.b_shapes)
+        acts, weights = saved[:n], saved[n:]
+        needs = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1]).contiguous()
-        gn = g.numpy()
-        need_x, need_w, need_b = ctx.needs_input_grad
-        gx = torch.from_numpy((gn @ w.detach().numpy().T).reshape(ctx.x_shape)) if need_x else None
-        gw = torch.from_numpy(x2.numpy().T @ gn) if need_w else None
-        gb = g.sum(0).reshape(ctx.b_shape) if need_b else None
-        return gx, gw, gb
+        gws, gbs, gx = [None] * n, [None] * n, None
+        for i in range(n - 1, -1, -1):
+            a, w, gn = acts[i].numpy(), weights[i].numpy(), g.numpy()
+            if needs[1 + i]:  # in the weight's own layout
+                gws[i] = torch.from_numpy(a.T @ gn if w.flags.c_contiguous else (gn.T @ a).T)
+            if needs[1 + n + i]:
+                gbs[i] = g.sum(0).reshape(ctx.b_shapes[i])
+            if i > 0:
+                g = torch.from_numpy(gn @ w.T)
+                torch.ops.aten.threshold_backward.grad_input(g, acts[i], 0, grad_input=g)
+            elif needs[0]:
+                gx = torch.from_numpy(gn @ w.T).reshape(ctx.x_shape)
+        return (gx, *gws, *gbs)
 
 
 def _through_numpy(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -50,11 +84,29 @@ def _through_numpy(x: torch.Tensor, w: torch.Tensor) -> bool:
             and x.dtype == w.dtype == torch.float32)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """x (..., in) @ w (in, out) + b; CPU matmuls through numpy's BLAS when cpu.py says so."""
-    if _through_numpy(x, w):
-        return _NumpyLinear.apply(x, w, b)
-    return torch.addmm(b, x, w) if x.dim() == 2 else torch.matmul(x, w) + b
+def mlp_chain(x: torch.Tensor, weights: list, biases: list) -> torch.Tensor:
+    """A linear-ReLU chain x (..., in) -> (..., out); weights (in, out). CPU matmuls through numpy's
+    BLAS when cpu.py says so (one autograd node), else torch."""
+    if _through_numpy(x, weights[0]):
+        return _NumpyMLP.apply(x, *weights, *biases)
+    return _torch_chain(x, weights, biases)
+
+
+def _torch_chain(h: torch.Tensor, weights: list, biases: list, hidden: list | None = None
+                 ) -> torch.Tensor:
+    """A linear-ReLU chain in torch; batched over members when the weights are (n, in, out).
+    Appends the ReLUs' outputs to `hidden` if given."""
+    last = len(weights) - 1
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        if w.dim() == 2:
+            h = torch.addmm(b, h, w) if h.dim() == 2 else torch.matmul(h, w) + b
+        else:
+            h = torch.baddbmm(b, h, w) if h.dim() == 3 else torch.matmul(h, w) + b
+        if i < last:
+            h = F.relu(h, inplace=True)
+            if hidden is not None:
+                hidden.append(h)
+    return h
 
 
 class _MinOverMembers(torch.autograd.Function):
@@ -72,9 +124,14 @@ class _MinOverMembers(torch.autograd.Function):
         weights, biases = params[:n], params[n:]
         outs, hidden = [], []
         for m in range(weights[0].shape[0]):
-            hidden.append([])
-            outs.append(EnsembleMLP._chain(x, [w[m] for w in weights], [b[m] for b in biases],
-                                           hidden[-1]))
+            ws, bs = [w[m] for w in weights], [b[m] for b in biases]
+            if _through_numpy(x, ws[0]):
+                out, acts = _numpy_chain(x.detach().numpy(), ws, bs)
+            else:
+                acts = []
+                out = _torch_chain(x, ws, bs, acts)
+            outs.append(out)
+            hidden.append(acts)
         q, ctx.which = torch.stack(outs).min(dim=0)
         ctx.save_for_backward(*weights)
         ctx.hidden = hidden
@@ -93,7 +150,8 @@ class _MinOverMembers(torch.autograd.Function):
                 w = weights[i][m].T
                 g = torch.from_numpy(g.numpy() @ w.numpy()) if _through_numpy(g, w) else g @ w
                 if i > 0:  # the ReLU before layer i: its gradient mask from those rows' outputs
-                    g = torch.ops.aten.threshold_backward(g, acts[i - 1].index_select(0, rows), 0)
+                    torch.ops.aten.threshold_backward.grad_input(
+                        g, acts[i - 1].index_select(0, rows), 0, grad_input=g)
             grad_x.index_copy_(0, rows, g)
         return (grad_x,) + (None,) * (2 * len(weights))
 
@@ -114,11 +172,7 @@ class MLP(nn.Module):
         self.linears = [m for m in self.net if isinstance(m, nn.Linear)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.linears):
-            x = linear(x, layer.weight.T, layer.bias)
-            if i < len(self.linears) - 1:
-                x = F.relu(x, inplace=True)
-        return x
+        return mlp_chain(x, [m.weight.T for m in self.linears], [m.bias for m in self.linears])
 
 
 class EnsembleMLP(nn.Module):
@@ -143,8 +197,8 @@ class EnsembleMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, biases = list(self.weights), list(self.biases)
         if x.is_cuda:
-            return self._chain(x, weights, biases)
-        return torch.stack([self._chain(x, [w[i] for w in weights], [b[i] for b in biases])
+            return _torch_chain(x, weights, biases)
+        return torch.stack([mlp_chain(x, [w[i] for w in weights], [b[i] for b in biases])
                             for i in range(weights[0].shape[0])])
 
     def min_over_members(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,25 +214,8 @@ class EnsembleMLP(nn.Module):
         if weights[-1].shape[-1] != 1:
             raise ValueError("min_over_members needs an ensemble with one output")
         if x.is_cuda:
-            return self._chain(x, weights, biases).min(dim=0).values
+            return _torch_chain(x, weights, biases).min(dim=0).values
         return _MinOverMembers.apply(x, *weights, *biases)
-
-    @staticmethod
-    def _chain(h: torch.Tensor, weights: list, biases: list, hidden: list | None = None
-               ) -> torch.Tensor:
-        """Linear-ReLU chain; batched over members when the weights are (n, in, out). Appends
-        the ReLUs' outputs to `hidden` if given."""
-        last = len(weights) - 1
-        for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
-            if w.dim() == 2:
-                h = linear(h, w, b)
-            else:
-                h = torch.baddbmm(b, h, w) if h.dim() == 3 else torch.matmul(h, w) + b
-            if i < last:
-                h = F.relu(h, inplace=True)
-                if hidden is not None:
-                    hidden.append(h)
-        return h
 
 
 def tanh_log_det_jacobian(pre_tanh: torch.Tensor) -> torch.Tensor:
