@@ -17,7 +17,7 @@ Figures (the --json keys):
   threads; ours and it alternate round by round so machine drift hits both;
 - collect_steps_per_s, raw_env_steps_per_s, collect_fraction_of_raw: env steps per second of a
   PEARL iteration's collection (prior + posterior phases, policy and posterior inference
-  included) against stepping the same task env with a constant action;
+  included) against stepping the same task env with a constant action, in alternating rounds;
 - peak_rss_mb: peak resident memory of a separate process that builds the run and does its
   initial collection (iteration 0's num_initial_steps in every training task) and one gradient step.
 """
@@ -209,8 +209,10 @@ def synthetic_buffers(cfg: PEARLConfig, obs_dim: int, act_dim: int, rows: int, d
     return ours, ref
 
 
-def measure_collection(cfg: PEARLConfig, reps: int) -> tuple[float, float]:
-    """(steps/s of a PEARL iteration's collection, steps/s of the task env, constant action)."""
+def measure_collection(cfg: PEARLConfig, rounds: int) -> tuple[float, float]:
+    """(steps/s of a PEARL iteration's collection, steps/s of the task env, constant action),
+    over `rounds` alternating rounds (an iteration's collection, then as many raw env steps), so
+    that the machine's drift hits both alike."""
     # the preset's task count (the draw of num_tasks_sample tasks then has repeats as rarely as in
     # a real run, and repeats are collected one after another); one initial trajectory per task
     small = PEARLConfig.from_dict({**cfg.to_dict(), "num_test_tasks": 2,
@@ -219,23 +221,25 @@ def measure_collection(cfg: PEARLConfig, reps: int) -> tuple[float, float]:
         trainer = Trainer(small, tmp, progress=False)
         trainer.collect_iteration_data()  # iteration 0: initial collection
         trainer.iteration = 1
-        t = time.perf_counter()
-        steps = sum(trainer.collect_iteration_data() for _ in range(reps))
-        collect = steps / (time.perf_counter() - t)
         env = trainer.family.make_env()
         trainer.family.set_task(env, trainer.train_tasks[0])
         env.reset(seed=0)
         action = np.zeros(env.action_space.shape, np.float32)
-        n = 0
-        t = time.perf_counter()
-        while n < steps:
-            env.reset()
-            for _ in range(cfg.max_path_length):
-                if env.step(action)[2]:
-                    break
-                n += 1
-        raw = n / (time.perf_counter() - t)
-    return collect, raw
+        steps = collect_s = raw_s = 0.0
+        for _ in range(rounds):
+            t = time.perf_counter()
+            n = trainer.collect_iteration_data()
+            collect_s += time.perf_counter() - t
+            steps += n
+            t = time.perf_counter()
+            while n > 0:
+                env.reset()
+                for _ in range(min(cfg.max_path_length, n)):
+                    n -= 1
+                    if env.step(action)[2]:
+                        break
+            raw_s += time.perf_counter() - t
+    return steps / collect_s, steps / raw_s
 
 
 RSS_CHILD = """
@@ -320,7 +324,7 @@ def main() -> None:
             f"reference-style {ref_s[-1] * 1e3:.0f} ms")
     peak, ours, ref = (statistics.median(x) for x in (peaks, ours_s, ref_s))
 
-    collect, raw = measure_collection(cfg, reps=2)  # under the config's settings (the Trainer's)
+    collect, raw = measure_collection(cfg, rounds=4)  # under the config's settings (the Trainer's)
     log(f"collection {collect:.0f} steps/s, task env alone {raw:.0f} steps/s")
     rss = None
     if not args.skip_rss:
