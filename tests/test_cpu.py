@@ -54,10 +54,11 @@ def test_numpy_matmuls_give_torch_values_and_gradients(make_net, x_shape,
         torch.testing.assert_close(g_n, g_t)
 
 
+@pytest.mark.parametrize("members", [2, 3])
 def test_min_over_members_through_numpy_gives_torch_values_and_input_gradients(
-        restore_cpu_settings, monkeypatch):
+        members, restore_cpu_settings, monkeypatch):
     torch.manual_seed(0)
-    ens, x = EnsembleMLP(2, 5, 32, 1), torch.randn(64, 5)
+    ens, x = EnsembleMLP(members, 5, 32, 1), torch.randn(64, 5)
     with torch.no_grad():
         ens.weights[-1].mul_(300.0)
     decisions = []  # every matmul's choice, forward and backward
@@ -79,6 +80,70 @@ def test_min_over_members_through_numpy_gives_torch_values_and_input_gradients(
     torch.testing.assert_close(results["numpy"][0], results["torch"][0])
     torch.testing.assert_close(results["numpy"][1], results["torch"][1])
     assert results["torch"][1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("x, out, dx, dw0, db0, dw1", [
+    # ReLU input [1.5, -1.5]: the second unit is off
+    ([[1.0, -2.0]], 4.0, [[2.0, 0.0]], [[2.0, 0.0], [-4.0, 0.0]], [2.0, 0.0], [[1.5], [0.0]]),
+    # ReLU input [0, 1.5]: a unit at exactly 0 passes no gradient
+    ([[-0.5, 1.0]], 5.5, [[0.0, 3.0]], [[0.0, -1.5], [0.0, 3.0]], [0.0, 3.0], [[0.0], [1.5]]),
+])
+def test_numpy_mlp_chain_matches_hand_computed_gradients(x, out, dx, dw0, db0, dw1,
+                                                         restore_cpu_settings):
+    """relu(x W0 + b0) W1 + b1 with W0 = I, b0 = 0.5, W1 = [2, 3]^T, b1 = 1, worked by hand."""
+    cpu.configure("numpy", 1)
+    x = torch.tensor(x, requires_grad=True)
+    w0, b0 = torch.eye(2).requires_grad_(True), torch.full((2,), 0.5, requires_grad=True)
+    w1, b1 = torch.tensor([[2.0], [3.0]], requires_grad=True), torch.ones(1, 1, requires_grad=True)
+    y = networks.mlp_chain(x, [w0, w1], [b0, b1])
+    assert "_NumpyMLPBackward" in _graph_names(y)
+    y.sum().backward()
+    assert y.item() == out
+    for got, want in ((x.grad, dx), (w0.grad, dw0), (b0.grad, db0), (w1.grad, dw1), (b1.grad, [[1.0]])):
+        assert got.tolist() == want
+
+
+def test_numpy_mlp_gradients_come_in_the_parameters_layout(restore_cpu_settings):
+    """(a fused Adam reads a gradient as flat memory; split steps take autograd.grad's as is)"""
+    cpu.configure("numpy", 1)
+    torch.manual_seed(0)
+    for net in (MLP(6, 32, 3), MLP(6, 32, 1), EnsembleMLP(2, 6, 32, 1), EnsembleMLP(2, 6, 32, 3)):
+        params = list(net.parameters())
+        grads = torch.autograd.grad(net(torch.randn(10, 6)).pow(2).sum(), params)
+        assert [g.stride() for g in grads] == [p.stride() for p in params]
+
+
+def test_numpy_mlp_keeps_torchs_semantics_at_the_edges(restore_cpu_settings):
+    torch.manual_seed(0)
+    net, x = MLP(6, 8, 3), torch.randn(4, 6)
+    x[1, 2] = float("nan")
+    results = {}
+    for gemm in ("numpy", "torch"):
+        cpu.configure(gemm, 1)
+        out = net(x)
+        results[gemm] = out.detach().clone()
+        out[:, 1:].clamp_(-1.0, 1.0)  # an output can be changed in place before backward
+        incoming = torch.randn(out.shape)
+        kept = incoming.clone()
+        out.backward(incoming)
+        assert torch.equal(incoming, kept)  # the incoming gradient is not written to
+    assert results["numpy"][1].isnan().all()  # a NaN is not clamped away by the ReLUs
+    torch.testing.assert_close(results["numpy"], results["torch"], equal_nan=True)
+
+
+def test_numpy_mlp_gradients_only_where_asked(restore_cpu_settings):
+    torch.manual_seed(0)
+    net, x = MLP(6, 32, 3), torch.randn(20, 6)
+    net.linears[0].requires_grad_(False)
+    grads = {}
+    for gemm in ("numpy", "torch"):
+        cpu.configure(gemm, 1)
+        net.zero_grad(set_to_none=True)
+        net(x).pow(2).sum().backward()  # x needs no gradient
+        grads[gemm] = [p.grad for p in net.parameters()]
+    assert grads["numpy"][:2] == [None, None]
+    for g_n, g_t in zip(grads["numpy"][2:], grads["torch"][2:], strict=True):
+        torch.testing.assert_close(g_n, g_t)
 
 
 def test_under_numpy_small_matmuls_go_through_numpy_too(restore_cpu_settings):
