@@ -39,7 +39,7 @@ class _NumpyMLP(torch.autograd.Function):
     node per linear layer and per ReLU, it masks each fresh input gradient in place (no new
     2.4-4.9 MB tensor per ReLU backward) and returns each weight's gradient in the weight's own
     layout (as torch's matmul backward does), and it saves autograd's per-node work: the
-    paper-size split step ran ~4% faster. Tensors and arrays share memory both ways, so nothing is
+    paper-size split step ran 3-4% faster. Tensors and arrays share memory both ways, so nothing is
     copied around the BLAS calls.
     """
 

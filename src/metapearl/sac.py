@@ -215,7 +215,7 @@ class PEARLUpdate:
             wait(others)
         for p, g in zip(self._params, grads, strict=True):
             # in the parameter's layout, as autograd's own accumulation leaves it: a fused Adam
-            # reads a gradient as flat memory (an MLP weight's comes back as a transposed view)
+            # reads a gradient as flat memory, and autograd.grad returns each backward's layout
             p.grad = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
         return torch.cat([loss_stats, self.grad_norms()])
 
