@@ -45,19 +45,16 @@ class TaskEnv(gym.Wrapper):
         mujoco = require_mujoco(family.name)
         self.family = family
         self.task: Task | None = None
-        bad = sorted(int(w) for w in (mujoco.mjtWarning.mjWARN_BADQACC,
+        self._bad = np.array([int(w) for w in (mujoco.mjtWarning.mjWARN_BADQACC,
                                       mujoco.mjtWarning.mjWARN_BADQPOS,
-                                      mujoco.mjtWarning.mjWARN_BADQVEL))
-        # the counters of these warnings; adjacent in MuJoCo 3 (4-6), so read as a slice: a step
-        # reads them twice, and a list of a slice costs half of a sum over an index array
-        self._bad = (slice(bad[0], bad[-1] + 1) if bad == list(range(bad[0], bad[-1] + 1))
-                     else np.array(bad))
+                                      mujoco.mjtWarning.mjWARN_BADQVEL)])
 
     def step(self, action):
         if self.task is None:
             raise RuntimeError(f"set a {self.family.name} task (family.set_task) before stepping")
         sim = self.env.unwrapped
         before = self.family.snapshot(sim)
+        # the counters as a list (compared after the step): half the cost of a numpy sum
         warnings = sim.data.warning.number[self._bad].tolist()
         obs, _, _, _, info = self.env.step(action)
         reward, terminated = self.family.reward(sim, self.task, before, np.asarray(action))
