@@ -53,23 +53,34 @@ def mlp_macs(in_dim: int, hidden: int, out_dim: int, layers: int = 3) -> int:
 
 
 def update_flops(cfg: PEARLConfig, obs_dim: int, act_dim: int, routed_min_q: bool) -> float:
-    """FLOPs of one PEARL gradient step (matmuls only; forward 2 per MAC, backward 4 per MAC for
-    trained weights, 2 per MAC where only the input gradient flows). routed_min_q: the policy's
-    min Q back-propagates through each member over the rows where it is the minimum only (on CPU,
+    """FLOPs of the matmuls that one PEARL gradient step needs, 2 per multiply-accumulate: every
+    network's forward; the weight gradients of the trained ones (encoder, Q1, Q2, V, policy);
+    and the input gradients that reach a trained weight or a learning input: through every layer
+    but the first, and through the first only for the inputs that learn (Q's z, which trains the
+    encoder; the min Q's actions, which train the policy). routed_min_q: the policy's min Q
+    back-propagates through each member over the rows where it is the minimum only (on CPU,
     `EnsembleMLP.min_over_members`), so over one member's worth of rows, not both members'."""
     n = cfg.meta_batch * cfg.batch_size
     ctx_rows = cfg.meta_batch * cfg.embedding_batch_size
     ctx_dim = obs_dim + act_dim + 1 + (obs_dim if cfg.use_next_obs_in_context else 0)
     h, lat = cfg.net_size, cfg.latent_size
-    enc = mlp_macs(ctx_dim, cfg.encoder_size, 2 * lat) * ctx_rows
-    q = 2 * mlp_macs(obs_dim + act_dim + lat, h, 1) * n  # Q1 and Q2
-    v = mlp_macs(obs_dim + lat, h, 1) * n
-    pi = mlp_macs(obs_dim + lat, h, 2 * act_dim) * n
-    trained = enc + q + v + pi  # forward + weight and input gradients
-    min_q_forward = q  # min Q of the policy's actions: both members forward ...
-    min_q_backward = q / 2 if routed_min_q else q  # ... and gradients reach the actions only
-    no_grad = v  # target V
-    return 6 * trained + 2 * min_q_forward + 2 * min_q_backward + 2 * no_grad
+
+    def net(in_dim: int, out_dim: int, hidden: int = h, learning_inputs: int = 0):
+        """(MACs of one row's forward, of its input gradient)."""
+        forward = mlp_macs(in_dim, hidden, out_dim)
+        return forward, forward - (in_dim - learning_inputs) * hidden
+
+    enc, enc_in = net(ctx_dim, 2 * lat, cfg.encoder_size)
+    q, q_in = net(obs_dim + act_dim + lat, 1, learning_inputs=lat)
+    _, min_q_in = net(obs_dim + act_dim + lat, 1, learning_inputs=act_dim)
+    v, v_in = net(obs_dim + lat, 1)
+    pi, pi_in = net(obs_dim + lat, 2 * act_dim)
+    # rows: Q1, Q2, V, policy, then the target V and the min Q's two members (forward only)
+    forward = enc * ctx_rows + (2 * q + v + pi + v + 2 * q) * n
+    weight_grads = enc * ctx_rows + (2 * q + v + pi) * n
+    input_grads = enc_in * ctx_rows + (2 * q_in + v_in + pi_in
+                                       + (1 if routed_min_q else 2) * min_q_in) * n
+    return 2.0 * (forward + weight_grads + input_grads)
 
 
 # --- the reference's cost structure -------------------------------------------------------------

@@ -182,3 +182,55 @@ def test_single_task_refuses_a_task_of_another_family():
                              "point-robot", "--task", '{"angle": 0.0}'],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "point-robot task's keys" in result.stderr
+
+
+def _throughput_module():
+    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_update_flops_counts_the_matmuls_a_step_needs():
+    from metapearl.config import make_config
+
+    cfg = make_config("point-robot", "default", {
+        "latent_size": 1, "net_size": 4, "encoder_size": 3, "meta_batch": 2, "batch_size": 3,
+        "embedding_batch_size": 5, "use_next_obs_in_context": False})
+    # obs 2, act 1, latent 1; 6 RL rows, 10 context rows; multiply-accumulates per row, by hand:
+    # encoder 4-3-3-3-2: 12 + 9 + 9 + 6 = 36, its input gradient from the second layer on: 24
+    # Q 4-4-4-4-1: 16 + 16 + 16 + 4 = 52, input gradient 36 + z's column of the first layer 4 = 40
+    # V 3-4-4-4-1: 48, input gradient 36; policy 3-4-4-4-2: 52, input gradient 40
+    # min Q: both members forward, input gradient 36 + the action's column 4 = 40 per row
+    forward = 36 * 10 + (2 * 52 + 48 + 52 + 48 + 2 * 52) * 6  # ..., V, policy, target V, min Q
+    weight_grads = 36 * 10 + (2 * 52 + 48 + 52) * 6
+    input_grads = 24 * 10 + (2 * 40 + 36 + 40) * 6
+    flops = _throughput_module().update_flops
+    assert flops(cfg, 2, 1, routed_min_q=True) == 2 * (forward + weight_grads + input_grads + 40 * 6)
+    assert flops(cfg, 2, 1, routed_min_q=False) == 2 * (forward + weight_grads + input_grads
+                                                         + 2 * 40 * 6)
+    assert 2 * (forward + weight_grads + input_grads + 40 * 6) == 10992
+
+
+def test_throughput_prints_every_figure_as_json():
+    out = _script("throughput.py", "--family", "point-robot", "--preset", "default", "--rounds", "1",
+                  "--steps", "1", "--skip-rss", "--json", "--set", "num_train_tasks=4",
+                  "--set", "num_tasks_sample=2", "--set", "max_path_length=5")
+    figures = json.loads(out)
+    assert set(figures) == {
+        "matmul_peak_gflops", "update_ms", "update_gflops", "fraction_of_peak", "reference_update_ms",
+        "speedup_vs_reference", "collect_steps_per_s", "raw_env_steps_per_s",
+        "collect_fraction_of_raw", "peak_rss_mb", "device"}
+    assert figures["peak_rss_mb"] is None and figures["device"].startswith("cpu (")
+    for key in ("matmul_peak_gflops", "update_ms", "reference_update_ms", "collect_steps_per_s",
+                "raw_env_steps_per_s"):
+        assert figures[key] > 0, key
+    def ratio(a, b, rounding):  # a / b, within what rounding a and b, and it to 3 places, allows
+        return pytest.approx(a / b, rel=rounding / 2 * (1 / a + 1 / b), abs=5e-4 + 1e-9)
+
+    assert figures["fraction_of_peak"] == ratio(figures["update_gflops"],
+                                                figures["matmul_peak_gflops"], 0.1)
+    assert figures["speedup_vs_reference"] == ratio(figures["reference_update_ms"],
+                                                    figures["update_ms"], 0.1)
+    assert figures["collect_fraction_of_raw"] == ratio(figures["collect_steps_per_s"],
+                                                       figures["raw_env_steps_per_s"], 0.1)
