@@ -19,6 +19,14 @@ a torch (MKL) matmul on a second thread left the process's later two-thread torc
 slower (seen in `benchmarks/throughput.py`'s reference-style step), and numpy's calls cost the
 split step nothing measurable.
 
+Measured on 2 cores only. Each share also runs ~4 ms of Python (the losses, the autograd
+Functions' backwards), holding the GIL: two threads computing tiny shares got 0.70-0.84x the
+throughput of one. On 2 cores that overlaps the other share's BLAS and costs nothing measurable
+(shares in forked worker processes were no faster: docs/measurements.md, and the branch
+`experiment/split-processes`). With many threads it queues: 16 shares of one task each, ~20 ms of
+matmuls apiece, would wait ~60 ms in turn for the GIL. On a machine with more than ~8 cores,
+compare `torch_threads` values and `cpu_gemm = "torch"` with `benchmarks/throughput.py`.
+
 Where numpy pays. The old, unsplit numpy path paid only for large updates: the paper cheetah-vel
 step (16 x 256 rows, 300 wide) ran ~1.3x faster than torch, 8 x 256 rows the same, and the small
 default presets 13-28% slower. On an Intel Xeon (Sapphire Rapids, AVX-512), MKL's own ground, the
