@@ -59,7 +59,8 @@ def update_flops(cfg: PEARLConfig, obs_dim: int, act_dim: int, routed_min_q: boo
     but the first, and through the first only for the inputs that learn (Q's z, which trains the
     encoder; the min Q's actions, which train the policy). routed_min_q: the policy's min Q
     back-propagates through each member over the rows where it is the minimum only (on CPU,
-    `EnsembleMLP.min_over_members`), so over one member's worth of rows, not both members'."""
+    `EnsembleMLP.min_over_members`), so over one member's worth of rows, not both members'.
+    The encoder is the pog encoder's MLP (the recurrent encoders' GRU is not counted)."""
     n = cfg.meta_batch * cfg.batch_size
     ctx_rows = cfg.meta_batch * cfg.embedding_batch_size
     ctx_dim = obs_dim + act_dim + 1 + (obs_dim if cfg.use_next_obs_in_context else 0)
@@ -70,7 +71,8 @@ def update_flops(cfg: PEARLConfig, obs_dim: int, act_dim: int, routed_min_q: boo
         forward = mlp_macs(in_dim, hidden, out_dim)
         return forward, forward - (in_dim - learning_inputs) * hidden
 
-    enc, enc_in = net(ctx_dim, 2 * lat, cfg.encoder_size)
+    enc_out = (2 + cfg.factor_rank) * lat if cfg.use_information_bottleneck else lat
+    enc, enc_in = net(ctx_dim, enc_out, cfg.encoder_size)
     q, q_in = net(obs_dim + act_dim + lat, 1, learning_inputs=lat)
     _, min_q_in = net(obs_dim + act_dim + lat, 1, learning_inputs=act_dim)
     v, v_in = net(obs_dim + lat, 1)
