@@ -59,10 +59,14 @@ def update_flops(cfg: PEARLConfig, obs_dim: int, act_dim: int, routed_min_q: boo
     but the first, and through the first only for the inputs that learn (Q's z, which trains the
     encoder; the min Q's actions, which train the policy). routed_min_q: the policy's min Q
     back-propagates through each member over the rows where it is the minimum only (on CPU,
-    `EnsembleMLP.min_over_members`), so over one member's worth of rows, not both members'.
-    The encoder is the pog encoder's MLP (the recurrent encoders' GRU is not counted)."""
+    `EnsembleMLP.min_over_members`), so over one member's worth of rows; else (on CUDA) as
+    autograd through torch.min does, through both members over every row.
+    Counted for the pog encoder's MLP only: ValueError for the recurrent encoders."""
+    if cfg.encoder != "pog":
+        raise ValueError(f"FLOPs are counted for the pog encoder only, not {cfg.encoder!r}")
     n = cfg.meta_batch * cfg.batch_size
-    ctx_rows = cfg.meta_batch * cfg.embedding_batch_size
+    ctx_rows = n if cfg.context_sampler == "off-policy-rl-batch" else (
+        cfg.meta_batch * cfg.embedding_batch_size)
     ctx_dim = obs_dim + act_dim + 1 + (obs_dim if cfg.use_next_obs_in_context else 0)
     h, lat = cfg.net_size, cfg.latent_size
 
@@ -86,6 +90,11 @@ def update_flops(cfg: PEARLConfig, obs_dim: int, act_dim: int, routed_min_q: boo
 
 
 # --- the reference's cost structure -------------------------------------------------------------
+# what ReferenceStep mirrors of the config: the paper's encoder and context (next_obs in context too)
+REFERENCE_MODEL = {"encoder": "pog", "factor_rank": 0, "use_information_bottleneck": True,
+                   "context_sampler": "recent"}
+
+
 def _mlp(in_dim, hidden, out_dim):
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                          nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
@@ -97,7 +106,7 @@ class ReferenceStep:
     def __init__(self, cfg: PEARLConfig, obs_dim: int, act_dim: int, buffers: dict, rng, device):
         h, lat, self.cfg, self.device = cfg.net_size, cfg.latent_size, cfg, device
         self.buffers, self.rng = buffers, rng
-        ctx_dim = obs_dim + act_dim + 1
+        ctx_dim = obs_dim + act_dim + 1 + (obs_dim if cfg.use_next_obs_in_context else 0)
         self.encoder = _mlp(ctx_dim, cfg.encoder_size, 2 * lat)
         self.qf1, self.qf2 = _mlp(obs_dim + act_dim + lat, h, 1), _mlp(obs_dim + act_dim + lat, h, 1)
         self.vf, self.target_vf = _mlp(obs_dim + lat, h, 1), _mlp(obs_dim + lat, h, 1)
@@ -123,7 +132,8 @@ class ReferenceStep:
         tasks = self.rng.integers(0, cfg.num_train_tasks, cfg.meta_batch)
         rl = self._batch("rl", tasks, cfg.batch_size)
         ctx = self._batch("enc", tasks, cfg.embedding_batch_size)
-        context = torch.cat([ctx["obs"], ctx["actions"], ctx["rewards"]], dim=2)
+        context = torch.cat([ctx["obs"], ctx["actions"], ctx["rewards"]]
+                            + ([ctx["next_obs"]] if cfg.use_next_obs_in_context else []), dim=2)
         params = self.encoder(context)
         mu, sigma2 = params[..., :lat], nn.functional.softplus(params[..., lat:]).clamp(min=1e-7)
         var = 1.0 / (1.0 / sigma2).sum(1)
@@ -282,6 +292,11 @@ def main() -> None:
     overrides = {**parse_overrides(args.set), "device": args.device}
     cfg = make_config(args.family, args.preset, overrides)
     device = torch.device(cfg.device)
+    unmirrored = [f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+                  for k, v in REFERENCE_MODEL.items() if getattr(cfg, k) != v]
+    if unmirrored:
+        parser.error(f"the reference-style step (and the FLOP count) is the paper's model: set "
+                     f"{', '.join(unmirrored)}")
 
     def ours_settings():
         cpu.configure_for(cfg)

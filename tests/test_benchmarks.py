@@ -191,47 +191,67 @@ def _throughput_module():
     return module
 
 
-@pytest.mark.parametrize("encoder, enc, enc_in", [  # the encoder's output: mean, variance, u
-    ({"factor_rank": 1}, 12 + 9 + 9 + 9, 9 + 9 + 9),  # 4-3-3-3-3
-    ({"factor_rank": 0}, 12 + 9 + 9 + 6, 9 + 9 + 6),  # 4-3-3-3-2
-    ({"factor_rank": 0, "use_information_bottleneck": False}, 12 + 9 + 9 + 3, 9 + 9 + 3),
-])
-def test_update_flops_counts_the_matmuls_a_step_needs(encoder, enc, enc_in):
+# per row, by hand (MACs; layer widths in -> 4 -> 4 -> 4 -> out, the encoder's 3 wide): each
+# network's forward, and its input gradient from the second layer on plus the first layer's rows
+# of the inputs that learn (Q: z; the min Q: the actions)
+FLOP_CASES = [
+    # obs 2, act 1, latent 1. Encoder 4-3-3-3-3 (mean, variance and a rank-1 u): 12+9+9+9 = 39,
+    # input gradient 27; Q 4-...-1: 16+16+16+4 = 52, input gradient 36 + z 4 = 40; V 3-...-1: 48,
+    # 36; policy 3-...-2: 52, 40; min Q: 36 + the action 4 = 40
+    ({"factor_rank": 1}, 2, 1, dict(enc=39, enc_in=27, q=52, q_in=40, v=48, v_in=36, pi=52,
+                                    pi_in=40, min_q_in=40)),
+    ({}, 2, 1, dict(enc=36, enc_in=24, q=52, q_in=40, v=48, v_in=36, pi=52, pi_in=40,
+                    min_q_in=40)),  # encoder 4-3-3-3-2: 12+9+9+6
+    ({"use_information_bottleneck": False}, 2, 1, dict(  # encoder 4-3-3-3-1: 12+9+9+3
+        enc=33, enc_in=21, q=52, q_in=40, v=48, v_in=36, pi=52, pi_in=40, min_q_in=40)),
+    # obs 2, act 2, latent 3, next obs in context: encoder 7-3-3-3-6: 21+9+9+18 = 57, input
+    # gradient 36; Q 7-...-1: 28+16+16+4 = 64, input gradient 36 + z 12 = 48; V 5-...-1: 56, 36;
+    # policy 5-...-4: 20+16+16+16 = 68, 48; min Q: 36 + the actions 8 = 44
+    ({"latent_size": 3, "use_next_obs_in_context": True}, 2, 2, dict(
+        enc=57, enc_in=36, q=64, q_in=48, v=56, v_in=36, pi=68, pi_in=48, min_q_in=44)),
+]
+
+
+@pytest.mark.parametrize("overrides, obs, act, m", FLOP_CASES)
+def test_update_flops_counts_the_matmuls_a_step_needs(overrides, obs, act, m):
     from metapearl.config import make_config
 
     cfg = make_config("point-robot", "paper", {
         "latent_size": 1, "net_size": 4, "encoder_size": 3, "meta_batch": 2, "batch_size": 3,
-        "embedding_batch_size": 5, "use_next_obs_in_context": False, **encoder})
-    # obs 2, act 1, latent 1; 6 RL rows, 10 context rows; multiply-accumulates per row, by hand:
-    # the encoder's forward `enc`, its input gradient from the second layer on `enc_in`
-    # Q 4-4-4-4-1: 16 + 16 + 16 + 4 = 52, input gradient 36 + z's column of the first layer 4 = 40
-    # V 3-4-4-4-1: 48, input gradient 36; policy 3-4-4-4-2: 52, input gradient 40
-    # min Q: both members forward, input gradient 36 + the action's column 4 = 40 per row
-    forward = enc * 10 + (2 * 52 + 48 + 52 + 48 + 2 * 52) * 6  # ..., V, policy, target V, min Q
-    weight_grads = enc * 10 + (2 * 52 + 48 + 52) * 6
-    input_grads = enc_in * 10 + (2 * 40 + 36 + 40) * 6
+        "embedding_batch_size": 5, "use_next_obs_in_context": False, **overrides})
+    # 6 RL rows, 10 context rows; rows: Q1, Q2, V, policy, target V, the min Q's two members
+    forward = m["enc"] * 10 + (2 * m["q"] + m["v"] + m["pi"] + m["v"] + 2 * m["q"]) * 6
+    weight_grads = m["enc"] * 10 + (2 * m["q"] + m["v"] + m["pi"]) * 6
+    input_grads = m["enc_in"] * 10 + (2 * m["q_in"] + m["v_in"] + m["pi_in"]) * 6
     flops = _throughput_module().update_flops
-    assert flops(cfg, 2, 1, routed_min_q=True) == 2 * (forward + weight_grads + input_grads + 40 * 6)
-    assert flops(cfg, 2, 1, routed_min_q=False) == 2 * (forward + weight_grads + input_grads
-                                                         + 2 * 40 * 6)
+    assert flops(cfg, obs, act, routed_min_q=True) == 2 * (
+        forward + weight_grads + input_grads + m["min_q_in"] * 6)
+    assert flops(cfg, obs, act, routed_min_q=False) == 2 * (
+        forward + weight_grads + input_grads + 2 * m["min_q_in"] * 6)
+
+
+TINY_PAPER = ["--set", "num_train_tasks=4", "--set", "num_tasks_sample=2", "--set", "max_path_length=5",
+              "--set", "net_size=128", "--set", "encoder_size=32", "--set", "meta_batch=4",
+              "--set", "batch_size=64", "--set", "embedding_batch_size=16"]  # ~0.3 GFLOP a step
 
 
 def test_throughput_prints_every_figure_as_json():
-    out = _script("throughput.py", "--family", "point-robot", "--preset", "default", "--rounds", "1",
-                  "--steps", "1", "--skip-rss", "--json", "--set", "num_train_tasks=4",
-                  "--set", "num_tasks_sample=2", "--set", "max_path_length=5")
+    from metapearl.config import make_config, parse_overrides
+
+    out = _script("throughput.py", "--family", "point-robot", "--preset", "paper", "--rounds", "1",
+                  "--steps", "1", "--skip-rss", "--json", *TINY_PAPER)
     figures = json.loads(out)
     assert set(figures) == {
         "matmul_peak_gflops", "update_ms", "update_gflops", "fraction_of_peak", "reference_update_ms",
         "speedup_vs_reference", "collect_steps_per_s", "raw_env_steps_per_s",
         "collect_fraction_of_raw", "peak_rss_mb", "device"}
     assert figures["peak_rss_mb"] is None and figures["device"].startswith("cpu (")
-    for key in ("matmul_peak_gflops", "update_ms", "reference_update_ms", "collect_steps_per_s",
-                "raw_env_steps_per_s"):
+    for key in ("matmul_peak_gflops", "update_ms", "update_gflops", "reference_update_ms",
+                "collect_steps_per_s", "raw_env_steps_per_s"):
         assert figures[key] > 0, key
 
     def ratio(a, b, rounding):  # a / b, within what rounding a and b, and it to 3 places, allows
-        return pytest.approx(a / b, rel=rounding / 2 * (1 / a + 1 / b), abs=5e-4 + 1e-9)
+        return pytest.approx(a / b, rel=0, abs=a / b * rounding / 2 * (1 / a + 1 / b) + 5e-4 + 1e-9)
 
     assert figures["fraction_of_peak"] == ratio(figures["update_gflops"],
                                                 figures["matmul_peak_gflops"], 0.1)
@@ -239,3 +259,16 @@ def test_throughput_prints_every_figure_as_json():
                                                     figures["update_ms"], 0.1)
     assert figures["collect_fraction_of_raw"] == ratio(figures["collect_steps_per_s"],
                                                        figures["raw_env_steps_per_s"], 0.1)
+    # the step's GFLOP/s are the count's (point-robot: obs 2, act 2), within update_ms's rounding
+    cfg = make_config("point-robot", "paper", parse_overrides(TINY_PAPER[1::2]))
+    flops = _throughput_module().update_flops(cfg, 2, 2, routed_min_q=True)
+    ms = figures["update_ms"]
+    assert flops / ((ms + 0.05) * 1e6) - 0.05 <= figures["update_gflops"] <= flops / (
+        (ms - 0.05) * 1e6) + 0.05
+
+
+def test_throughput_refuses_a_model_that_its_reference_step_does_not_mirror():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--family",
+                             "point-robot", "--preset", "default", "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "set factor_rank=0" in result.stderr

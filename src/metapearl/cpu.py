@@ -23,9 +23,10 @@ Measured on 2 cores only. Each share also runs ~4 ms of Python (the losses, the 
 Functions' backwards), holding the GIL: two threads computing tiny shares got 0.70-0.84x the
 throughput of one. On 2 cores that overlaps the other share's BLAS and costs nothing measurable
 (shares in forked worker processes were no faster: docs/measurements.md, and the branch
-`experiment/split-processes`). With many threads it queues: 16 shares of one task each, ~20 ms of
-matmuls apiece, would wait ~60 ms in turn for the GIL. On a machine with more than ~8 cores,
-compare `torch_threads` values and `cpu_gemm = "torch"` with `benchmarks/throughput.py`.
+`experiment/split-processes`). With N threads the paper step's shares hold ~4N ms of Python, one
+at a time, against ~320/N ms of matmuls each: beyond ~9 threads the Python would take longer
+(16 shares of one task: ~64 against ~20 ms; not measured, these machines have 2 cores). On such a
+machine compare `torch_threads` values and `cpu_gemm = "torch"` with `benchmarks/throughput.py`.
 
 Where numpy pays. The old, unsplit numpy path paid only for large updates: the paper cheetah-vel
 step (16 x 256 rows, 300 wide) ran ~1.3x faster than torch, 8 x 256 rows the same, and the small
