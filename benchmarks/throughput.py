@@ -52,6 +52,11 @@ def mlp_macs(in_dim: int, hidden: int, out_dim: int, layers: int = 3) -> int:
     return sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
 
 
+def context_dim(cfg: PEARLConfig, obs_dim: int, act_dim: int) -> int:
+    """Width of a context transition: (s, a, r), and s' where the config puts it in."""
+    return obs_dim + act_dim + 1 + (obs_dim if cfg.use_next_obs_in_context else 0)
+
+
 def update_flops(cfg: PEARLConfig, obs_dim: int, act_dim: int, routed_min_q: bool) -> float:
     """FLOPs of the matmuls that one PEARL gradient step needs, 2 per multiply-accumulate: every
     network's forward; the weight gradients of the trained ones (encoder, Q1, Q2, V, policy);
@@ -67,7 +72,7 @@ def update_flops(cfg: PEARLConfig, obs_dim: int, act_dim: int, routed_min_q: boo
     n = cfg.meta_batch * cfg.batch_size
     ctx_rows = n if cfg.context_sampler == "off-policy-rl-batch" else (
         cfg.meta_batch * cfg.embedding_batch_size)
-    ctx_dim = obs_dim + act_dim + 1 + (obs_dim if cfg.use_next_obs_in_context else 0)
+    ctx_dim = context_dim(cfg, obs_dim, act_dim)
     h, lat = cfg.net_size, cfg.latent_size
 
     def net(in_dim: int, out_dim: int, hidden: int = h, learning_inputs: int = 0):
@@ -106,8 +111,7 @@ class ReferenceStep:
     def __init__(self, cfg: PEARLConfig, obs_dim: int, act_dim: int, buffers: dict, rng, device):
         h, lat, self.cfg, self.device = cfg.net_size, cfg.latent_size, cfg, device
         self.buffers, self.rng = buffers, rng
-        ctx_dim = obs_dim + act_dim + 1 + (obs_dim if cfg.use_next_obs_in_context else 0)
-        self.encoder = _mlp(ctx_dim, cfg.encoder_size, 2 * lat)
+        self.encoder = _mlp(context_dim(cfg, obs_dim, act_dim), cfg.encoder_size, 2 * lat)
         self.qf1, self.qf2 = _mlp(obs_dim + act_dim + lat, h, 1), _mlp(obs_dim + act_dim + lat, h, 1)
         self.vf, self.target_vf = _mlp(obs_dim + lat, h, 1), _mlp(obs_dim + lat, h, 1)
         self.policy = _mlp(obs_dim + lat, h, 2 * act_dim)

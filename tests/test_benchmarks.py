@@ -84,11 +84,16 @@ def test_sparse_exploration_splits_success_by_prior_phase_hits(runs):
     assert wrong.returncode == 2 and "is not a sparse-point-robot run" in wrong.stderr
 
 
-def test_found_then_lost_statistics():
-    spec = importlib.util.spec_from_file_location(
-        "sparse_exploration", ROOT / "benchmarks" / "sparse_exploration.py")
+def _benchmark_module(name: str):
+    """benchmarks/NAME.py imported as a module (its functions, without running main)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_found_then_lost_statistics():
+    module = _benchmark_module("sparse_exploration")
     rad = np.radians
     slots = [  # goal 90 degrees; angles are where each trajectory ended
         {"reached": [False, True, True], "angles": rad([0, 80, 95]), "success": True, "goal": 90},
@@ -184,13 +189,6 @@ def test_single_task_refuses_a_task_of_another_family():
     assert result.returncode != 0 and "point-robot task's keys" in result.stderr
 
 
-def _throughput_module():
-    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # per row, by hand (MACs; layer widths in -> 4 -> 4 -> 4 -> out, the encoder's 3 wide): each
 # network's forward, and its input gradient from the second layer on plus the first layer's rows
 # of the inputs that learn (Q: z; the min Q: the actions)
@@ -223,7 +221,7 @@ def test_update_flops_counts_the_matmuls_a_step_needs(overrides, obs, act, m):
     forward = m["enc"] * 10 + (2 * m["q"] + m["v"] + m["pi"] + m["v"] + 2 * m["q"]) * 6
     weight_grads = m["enc"] * 10 + (2 * m["q"] + m["v"] + m["pi"]) * 6
     input_grads = m["enc_in"] * 10 + (2 * m["q_in"] + m["v_in"] + m["pi_in"]) * 6
-    flops = _throughput_module().update_flops
+    flops = _benchmark_module("throughput").update_flops
     assert flops(cfg, obs, act, routed_min_q=True) == 2 * (
         forward + weight_grads + input_grads + m["min_q_in"] * 6)
     assert flops(cfg, obs, act, routed_min_q=False) == 2 * (
@@ -261,7 +259,7 @@ def test_throughput_prints_every_figure_as_json():
                                                        figures["raw_env_steps_per_s"], 0.1)
     # the step's GFLOP/s are the count's (point-robot: obs 2, act 2), within update_ms's rounding
     cfg = make_config("point-robot", "paper", parse_overrides(TINY_PAPER[1::2]))
-    flops = _throughput_module().update_flops(cfg, 2, 2, routed_min_q=True)
+    flops = _benchmark_module("throughput").update_flops(cfg, 2, 2, routed_min_q=True)
     ms = figures["update_ms"]
     assert flops / ((ms + 0.05) * 1e6) - 0.05 <= figures["update_gflops"] <= flops / (
         (ms - 0.05) * 1e6) + 0.05
