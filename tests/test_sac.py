@@ -253,3 +253,20 @@ def test_a_step_split_over_threads_is_the_unsplit_step(tiny_config, monkeypatch,
     # sign of a gradient near 0, a gradient read in the wrong layout flips about half of them
     moved_alike = torch.cat([((a - b).abs() < 1e-6).flatten() for a, b in zip(after_n, after_t, strict=True)])
     assert moved_alike.float().mean() > 0.99
+
+
+def test_a_split_step_on_more_threads_replaces_its_pool_and_ends_the_old_one(tiny_config):
+    _, _, _, update = _setup(tiny_config)
+    rl, ctx = _batch(4, 8, seed=2), _batch(4, 6, seed=3)
+    pools = []
+    try:
+        for threads in (2, 3, 2):
+            cpu.configure("numpy", threads)
+            update.step(rl, ctx, torch.Generator().manual_seed(7))
+            pools.append(update._pool)
+    finally:
+        cpu.configure("torch")
+    first, second, third = pools
+    assert second is not first and third is second  # fewer threads keep the larger pool
+    assert first._shutdown and not second._shutdown
+    assert all(not t.is_alive() for t in first._threads)

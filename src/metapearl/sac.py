@@ -201,7 +201,9 @@ class PEARLUpdate:
                                        (part.stop - part.start) / tasks)
             return list(torch.autograd.grad(total, self._params)), stats
 
-        if self._pool is None or self._pool_workers < shards - 1:
+        if self._pool is None or self._pool_workers < shards - 1:  # (more threads configured)
+            if self._pool is not None:
+                self._pool.shutdown()
             self._pool_workers = shards - 1
             self._pool = ThreadPoolExecutor(shards - 1, thread_name_prefix="metapearl-update")
         others = [self._pool.submit(share, part) for part in parts[1:]]
