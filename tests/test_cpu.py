@@ -269,3 +269,14 @@ def test_training_through_numpy_matmuls_is_seeded_and_matches_torch(
     # steps then carry the rounding on: 4e-4 relative after this iteration's 3 steps)
     torch.testing.assert_close(torch.tensor(losses("c", "numpy", 1)[0]),
                                torch.tensor(losses("d", "torch", 1)[0]), rtol=1e-4, atol=1e-5)
+
+
+def test_the_default_split_is_one_share_per_physical_core(restore_cpu_settings, monkeypatch):
+    # torch's default counts physical cores, OpenBLAS's logical CPUs (two per core with SMT)
+    monkeypatch.setattr(cpu, "_DEFAULT_TORCH_THREADS", 3)
+    monkeypatch.setattr(cpu, "_DEFAULT_BLAS_THREADS", 6)
+    cpu.configure("numpy", 0)
+    assert cpu.update_shards(16) == 3 and torch.get_num_threads() == 1
+    cpu.configure("torch", 0)
+    assert torch.get_num_threads() == 3 and cpu.update_shards(16) == 1
+    assert {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"} == {6}

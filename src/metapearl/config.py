@@ -124,7 +124,7 @@ class PEARLConfig:
     max_parallel_envs: int = _f(64, "environments stepped side by side during collection")
     torch_threads: int = _f(
         0, "CPU compute threads: torch's, or under numpy matmuls those a gradient step splits its "
-        "tasks over, everything else then on one (0: the library's default)"
+        "tasks over, everything else then on one (0: torch's default, one per physical core)"
     )
     cpu_gemm: str = _f(
         "auto", "on CPU, the library of the networks' matmuls: numpy (its BLAS, with each gradient "

@@ -64,7 +64,7 @@ AUTO_NUMPY_VENDORS = ("AuthenticAMD",)  # the CPUs on which numpy's BLAS was mea
 # and the heap is not trimmed back to the system
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 KEEP_BELOW_BYTES = 1 << 26
-# each library's own default thread count, used for threads=0
+# each library's own default thread count (torch's: physical cores), used for threads=0
 _DEFAULT_TORCH_THREADS = torch.get_num_threads()
 _DEFAULT_BLAS_THREADS = max([p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"],
                             default=_DEFAULT_TORCH_THREADS)
@@ -126,7 +126,10 @@ def configure(cpu_gemm: str, threads: int = 0) -> None:
 
     "numpy": BLAS and torch get one thread each, and a gradient step splits its tasks over the
     threads (`update_shards`); "torch": BLAS and torch get them (numpy's BLAS then serves only the
-    rollouts' small matmuls). threads=0 means each library's default (numpy's BLAS's for the split).
+    rollouts' small matmuls). threads=0 means torch's default, one per physical core, for torch
+    and for the split (OpenBLAS's own default, one per logical CPU, only for its threads under
+    "torch"): a share is compute-bound products plus a fixed ~4 ms of Python under the GIL, so a
+    second share on a core's other hardware thread would add the Python for little.
     """
     global _numpy_gemm, _threads
     if cpu_gemm not in ("numpy", "torch"):
@@ -135,7 +138,7 @@ def configure(cpu_gemm: str, threads: int = 0) -> None:
     blas_threads, torch_threads = threads or _DEFAULT_BLAS_THREADS, threads or _DEFAULT_TORCH_THREADS
     threadpool_limits(1 if _numpy_gemm else blas_threads, user_api="blas")
     torch.set_num_threads(1 if _numpy_gemm else torch_threads)
-    _threads = blas_threads if _numpy_gemm else torch_threads
+    _threads = torch_threads
 
 
 def describe() -> str:
