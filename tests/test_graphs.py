@@ -10,6 +10,7 @@ import contextlib
 import pytest
 import torch
 from conftest import trained_params
+from torch.torch_version import TorchVersion
 
 from metapearl import Trainer, graphs
 from metapearl.guards import NonFiniteError
@@ -104,3 +105,12 @@ def test_an_empty_buffer_is_refused_before_any_replay(tiny_config, tmp_path, cud
     with pytest.raises(RuntimeError, match=r"cannot sample from empty buffers of tasks \[2\]"):
         graphed.train_steps_for_iteration()
     assert torch.equal(graphed.gen.get_state(), state)  # refused before drawing a batch
+
+
+def test_a_torch_whose_graphs_cannot_draw_from_the_runs_generator_is_refused(
+        tiny_config, tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(), tmp_path / "run", progress=False)
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.3.1+cu121"))
+    with pytest.raises(RuntimeError, match="cuda_graphs needs torch >= 2.4"):
+        graphs.GraphedSteps(trainer.update, trainer.sample_batches, [trainer.rl_buffer],
+                            trainer.gen)

@@ -61,10 +61,11 @@ def _fsync_dir(directory: Path) -> None:
 REQUIRED_KEYS = ("config", "iteration", "env_steps", "agent_meta", "agent", "test_tasks")
 
 
-def load_checkpoint(
-    run_dir: Path, map_location: str | torch.device = "cpu", mmap: bool = False
-) -> dict[str, Any]:
-    """Load run_dir's checkpoint with weights_only=True: no pickled code is ever executed.
+def load_checkpoint(run_dir: Path, mmap: bool = False) -> dict[str, Any]:
+    """Load run_dir's checkpoint onto the CPU with weights_only=True: no pickled code is ever
+    executed. (On the CPU whatever the run's device: the buffers' counters are read as numpy
+    arrays and a generator's state must be a CPU tensor; loading a module's or an optimizer's
+    state copies it to their device.)
 
     mmap=True maps the file's tensors (on CPU) instead of reading them: a reader that needs only
     the agent or the task sets then never reads the replay buffers.
@@ -76,7 +77,7 @@ def load_checkpoint(
     if not path.exists():
         raise CheckpointError(f"{run_dir} has no checkpoint ({CHECKPOINT_NAME}); is it a run?")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError,
             ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError) as e:
         raise CheckpointError(f"cannot load {path}: {_unloadable(e)}") from None

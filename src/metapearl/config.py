@@ -134,7 +134,7 @@ class PEARLConfig:
     )
     cuda_graphs: bool = _f(
         False, "on CUDA, replay each gradient step from CUDA graphs (metapearl/graphs.py; the "
-        "pog encoder only)"
+        "pog encoder only; torch >= 2.4)"
     )
     tensorboard: bool = _f(
         False, "also write progress.csv's scalars as TensorBoard events (needs [tensorboard])"

@@ -37,6 +37,9 @@ class GraphedSteps:
 
     def __init__(self, update: PEARLUpdate, sample: Callable[[], tuple[Batch, Batch]],
                  buffers: Sequence[TaskReplayBuffer], generator: torch.Generator):
+        if torch.__version__ < (2, 4):  # (2.3 captures draws from the default generator only)
+            raise RuntimeError(f"cuda_graphs needs torch >= 2.4, whose CUDA graphs can draw from "
+                               f"a run's own generator; this is torch {torch.__version__}")
         self.update, self.sample, self.buffers, self.gen = update, sample, buffers, generator
         self._key: tuple | None = None  # the buffer tensors (address, shape) the graphs read
         self._warm = 0  # eager steps taken since those tensors changed

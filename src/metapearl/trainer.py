@@ -151,7 +151,7 @@ class Trainer:
     def _prepare_run_dir(self, resume: bool) -> None:
         cfg_path = self.run_dir / "config.json"
         if resume and (self.run_dir / CHECKPOINT_NAME).exists():
-            self._restore(load_checkpoint(self.run_dir, self.device))
+            self._restore(load_checkpoint(self.run_dir))
             if self.cfg.num_iterations < self.iteration:
                 raise CheckpointError(f"{self.run_dir} has run {self.iteration} iterations; "
                                       f"num_iterations={self.cfg.num_iterations} would undo them")
