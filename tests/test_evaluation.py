@@ -164,6 +164,21 @@ def test_deployment_agent_resets_its_belief(tiny_config):
                                [0.3, -1.0])
 
 
+def test_a_deployment_agent_moved_mid_task_keeps_its_task_state(tiny_config):
+    # what .to("cuda") does to the devices, .double() does to the dtypes, on a CPU-only machine
+    agent = _agent(tiny_config())
+    for _ in range(3):
+        agent.observe([0.1, 0.2], [0.05, -0.05], -1.0, [0.15, 0.15])
+    agent.infer_posterior()
+    z = agent.sample_z().clone()
+    before = agent.act([0.0, 0.0])
+    agent.double()
+    assert all(t.dtype == torch.float64 for t in (agent.belief_mu, agent.belief_var, agent.z,
+                                                  agent.context))
+    torch.testing.assert_close(agent.z, z.double())
+    np.testing.assert_allclose(agent.act([0.0, 0.0]), before, rtol=1e-5, atol=1e-6)
+
+
 def test_reported_return_is_the_last_trajectory():
     result = EvalResult(returns=[[-9.0, -4.0, -1.0], [-8.0, -6.0]],
                         successes=[[False, False, True], [False, True]])

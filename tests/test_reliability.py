@@ -267,6 +267,9 @@ def test_a_flagged_instability_ends_the_episode_and_is_counted(tiny_config, tmp_
      "the recent context sampler needs num_steps_prior or num_steps_posterior > 0"),
     (["train", "point-robot", "--set", "device=cuda"], "torch sees no CUDA GPU"),
     (["train", "point-robot", "--set", "device=tpu"], "device must be cpu or cuda"),
+    (["train", "point-robot", "--set", "device=cuda:"], "device must be cpu or cuda"),
+    (["train", "point-robot", "--set", "device=cudax"], "device must be cpu or cuda"),
+    (["train", "point-robot", "--set", "device=cuda:1"], "torch sees no CUDA GPU"),
     (["train", "point-robot", "--set", "family=ant-dir"], "family is chosen by the positional"),
     (["train", "point-robot", "--resume"], "--resume needs --out RUN_DIR"),
 ])
@@ -277,6 +280,17 @@ def test_bad_values_and_options_get_one_clear_error(argv, message, capsys, tmp_p
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "never").exists()
+
+
+def test_a_cuda_run_resumed_without_a_gpu_gets_one_clear_error(run, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    config = run / "config.json"
+    config.write_text(config.read_text().replace('"device": "cpu"', '"device": "cuda"'))
+    assert main(["train", "point-robot", "--resume", "--out", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "torch sees no CUDA GPU" in err and "a run continues on the device it was trained on" \
+        in err and "Traceback" not in err
 
 
 def test_bad_run_directories_get_one_clear_error(run, tmp_path, capsys):

@@ -153,6 +153,13 @@ class PEARLAgent(nn.Module):
         return 2.0 * (np.asarray(env_action) - low) / (high - low) - 1.0
 
     # --- deployment API (one task at a time) --------------------------------------------------
+    def _apply(self, fn, *args, **kwargs):
+        """Module.to/.cuda/.cpu/.double move the task's belief, z and context with the weights."""
+        super()._apply(fn, *args, **kwargs)
+        self.belief_mu, self.belief_var, self.z = fn(self.belief_mu), fn(self.belief_var), fn(self.z)
+        self._context = [fn(row) for row in self._context]
+        return self
+
     def reset(self) -> None:
         """Forget the current task: empty context, belief = prior, z = prior mean."""
         self._context: list[torch.Tensor] = []

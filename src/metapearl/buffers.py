@@ -106,8 +106,9 @@ class TaskReplayBuffer:
         trajectory (whole trajectories in the order they were collected, the last one cut at n).
         """
         sizes = self._sizes_t[tasks]
-        # (a CUDA graph's capture may not read values back; graphs.py calls check_filled)
-        if not _capturing(self.device) and bool((sizes == 0).any()):
+        # (the host's counts first: no read from the device unless some buffer is empty; a CUDA
+        # graph's capture may not read values back, graphs.py calls check_filled)
+        if (self.sizes == 0).any() and not _capturing(self.device) and bool((sizes == 0).any()):
             _refuse_empty(tasks[sizes == 0].tolist())
         if sequence:
             idx = self._sequence_index(tasks.tolist(), n, generator)
@@ -159,7 +160,8 @@ class TaskReplayBuffer:
 
     def state_dict(self) -> dict:
         used = int(self.sizes.max()) if len(self.sizes) else 0
-        return {"data": self.data[:, :used].clone(), "sizes": torch.as_tensor(self.sizes),
+        return {"data": self.data[:, :used].to("cpu", copy=True),  # (a compact copy)
+                "sizes": torch.as_tensor(self.sizes),
                 "tops": torch.as_tensor(self.tops),
                 "starts": torch.as_tensor(self.starts[:, :used].copy())}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,7 +197,7 @@ class PEARLConfig:
                               "cleared and refilled only by those phases")
         if self.num_eval_train_tasks == 0 or self.num_eval_train_tasks < -1:
             raise ConfigError("num_eval_train_tasks must be -1 or >= 1")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be cpu or cuda[:N], got {self.device!r}")
         if self.cuda_graphs and not self.device.startswith("cuda"):
             raise ConfigError(f"cuda_graphs needs a CUDA device, got device {self.device!r}")

@@ -99,10 +99,14 @@ class Trainer:
         self.cfg = cfg.validate()
         self.run_dir = Path(run_dir)
         self.progress = progress
-        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device {cfg.device!r} was asked for but torch sees no CUDA GPU "
-                              f"(torch {torch.__version__}); use --set device=cpu")
         self.device = torch.device(cfg.device)
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if self.device.type == "cuda" and (self.device.index or 0) >= gpus:
+            seen = f"{gpus} CUDA GPU{'s' * (gpus != 1)}" if gpus else "no CUDA GPU"
+            hint = ("a run continues on the device it was trained on" if resume
+                    else "use --set device=cpu" if not gpus else "use --set device=cuda:0")
+            raise ConfigError(f"device {cfg.device!r} was asked for but torch sees {seen} "
+                              f"(torch {torch.__version__}); {hint}")
         cpu.configure_for(cfg)
         # the run's two generators: every random draw of the run comes from them
         self.rng = np.random.default_rng(cfg.seed)
@@ -123,7 +127,7 @@ class Trainer:
                            "action_low": act_space.low.tolist(),
                            "action_high": act_space.high.tolist()}
         with torch.random.fork_rng(devices=[]):  # seeded init, global RNG left untouched
-            torch.manual_seed(cfg.seed)
+            torch.default_generator.manual_seed(cfg.seed)  # (initialised on CPU, then moved)
             self.agent = PEARLAgent.from_config(cfg, obs_dim, act_dim, act_space.low,
                                                 act_space.high).to(self.device)
             self.critics = Critics(obs_dim, act_dim, cfg.latent_size, cfg.net_size).to(self.device)
