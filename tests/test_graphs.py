@@ -13,6 +13,7 @@ from conftest import trained_params
 from torch.torch_version import TorchVersion
 
 from metapearl import Trainer, graphs
+from metapearl.config import ConfigError
 from metapearl.guards import NonFiniteError
 
 
@@ -111,6 +112,6 @@ def test_a_torch_whose_graphs_cannot_draw_from_the_runs_generator_is_refused(
         tiny_config, tmp_path, monkeypatch):
     trainer = Trainer(tiny_config(), tmp_path / "run", progress=False)
     monkeypatch.setattr(torch, "__version__", TorchVersion("2.3.1+cu121"))
-    with pytest.raises(RuntimeError, match="cuda_graphs needs torch >= 2.4"):
+    with pytest.raises(ConfigError, match="cuda_graphs needs torch >= 2.4"):
         graphs.GraphedSteps(trainer.update, trainer.sample_batches, [trainer.rl_buffer],
                             trainer.gen)

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 import torch
 
 from metapearl.buffers import Batch, TaskReplayBuffer
+from metapearl.config import ConfigError
 from metapearl.guards import check_finite
 from metapearl.sac import STAT_NAMES, PEARLUpdate
 
@@ -38,7 +39,7 @@ class GraphedSteps:
     def __init__(self, update: PEARLUpdate, sample: Callable[[], tuple[Batch, Batch]],
                  buffers: Sequence[TaskReplayBuffer], generator: torch.Generator):
         if torch.__version__ < (2, 4):  # (2.3 captures draws from the default generator only)
-            raise RuntimeError(f"cuda_graphs needs torch >= 2.4, whose CUDA graphs can draw from "
+            raise ConfigError(f"cuda_graphs needs torch >= 2.4, whose CUDA graphs can draw from "
                                f"a run's own generator; this is torch {torch.__version__}")
         self.update, self.sample, self.buffers, self.gen = update, sample, buffers, generator
         self._key: tuple | None = None  # the buffer tensors (address, shape) the graphs read
