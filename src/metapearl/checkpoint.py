@@ -183,5 +183,4 @@ def load_agent(run_dir: Path, device: str = "cpu", cfg=None):
     if key not in state:
         raise CheckpointError(f"the checkpoint of {run_dir} holds no {key}")
     load_state(agent, state[key], key.replace("_", " "))
-    agent.reset()
     return agent

@@ -100,7 +100,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.device = torch.device(cfg.device)
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        gpus = torch.cuda.device_count()  # (0 without CUDA)
         if self.device.type == "cuda" and (self.device.index or 0) >= gpus:
             seen = f"{gpus} CUDA GPU{'s' * (gpus != 1)}" if gpus else "no CUDA GPU"
             hint = ("a run continues on the device it was trained on" if resume
