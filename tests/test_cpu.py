@@ -1,5 +1,6 @@
 """The CPU matmul library switch (metapearl/cpu.py): same numbers, and the settings it applies."""
 
+import numpy as np
 import pytest
 import torch
 from threadpoolctl import threadpool_info
@@ -280,3 +281,14 @@ def test_the_default_split_is_one_share_per_physical_core(restore_cpu_settings, 
     cpu.configure("torch", 0)
     assert torch.get_num_threads() == 3 and cpu.update_shards(16) == 1
     assert {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"} == {6}
+
+
+@pytest.mark.parametrize("out_dim", [1, 3])
+def test_input_gradient_product_is_numpys_matmul_exactly(out_dim):
+    """(one output: a broadcast product instead of numpy's naive-loop outer product)"""
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((64, out_dim), np.float32)
+    w_t = rng.standard_normal((out_dim, 20), np.float32)
+    got = networks._input_grad(g, w_t)
+    assert got.shape == (64, 20) and got.flags.c_contiguous
+    assert np.array_equal(got, g @ w_t)

@@ -32,6 +32,13 @@ def _numpy_chain(x: np.ndarray, weights: list, biases: list
     return out, hidden
 
 
+def _input_grad(g: np.ndarray, w_t: np.ndarray) -> np.ndarray:
+    """g (N, out) @ w_t (out, in). For one output (a Q or V head) this is an outer product, which
+    numpy's matmul computes in its naive loop: the broadcast product gives the same numbers ~4x
+    faster (0.17 against 0.69 ms for 2048 x 300)."""
+    return g * w_t if g.shape[1] == 1 else g @ w_t
+
+
 class _NumpyMLP(torch.autograd.Function):
     """A linear-ReLU chain with its matmuls in numpy (see cpu.py), as one autograd node.
 
@@ -73,10 +80,10 @@ class _NumpyMLP(torch.autograd.Function):
             if needs[1 + n + i]:
                 gbs[i] = g.sum(0).reshape(ctx.b_shapes[i])
             if i > 0:
-                g = torch.from_numpy(gn @ w.T)
+                g = torch.from_numpy(_input_grad(gn, w.T))
                 torch.ops.aten.threshold_backward.grad_input(g, acts[i], 0, grad_input=g)
             elif needs[0]:
-                gx = torch.from_numpy(gn @ w.T).reshape(ctx.x_shape)
+                gx = torch.from_numpy(_input_grad(gn, w.T)).reshape(ctx.x_shape)
         return (gx, *gws, *gbs)
 
 
@@ -150,7 +157,8 @@ class _MinOverMembers(torch.autograd.Function):
             g = grad.index_select(0, rows)
             for i in range(len(weights) - 1, -1, -1):
                 w = weights[i][m].T
-                g = torch.from_numpy(g.numpy() @ w.numpy()) if _through_numpy(g, w) else g @ w
+                g = (torch.from_numpy(_input_grad(g.numpy(), w.numpy())) if _through_numpy(g, w)
+                     else g @ w)
                 if i > 0:  # the ReLU before layer i: its gradient mask from those rows' outputs
                     torch.ops.aten.threshold_backward.grad_input(
                         g, acts[i - 1].index_select(0, rows), 0, grad_input=g)
