@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from metapearl import Trainer, cpu, make_config
-from metapearl.agent import PEARLAgent
+from metapearl.agent import PEARLAgent, context_dim
 from metapearl.buffers import TaskReplayBuffer, sample_context
 from metapearl.config import PEARLConfig, parse_overrides
 from metapearl.graphs import WARMUP_STEPS, GraphedSteps
@@ -50,11 +50,6 @@ def mlp_macs(in_dim: int, hidden: int, out_dim: int, layers: int = 3) -> int:
     """Multiply-accumulates of one row through an MLP."""
     dims = [in_dim] + [hidden] * layers + [out_dim]
     return sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
-
-
-def context_dim(cfg: PEARLConfig, obs_dim: int, act_dim: int) -> int:
-    """Width of a context transition: (s, a, r), and s' where the config puts it in."""
-    return obs_dim + act_dim + 1 + (obs_dim if cfg.use_next_obs_in_context else 0)
 
 
 def update_flops(cfg: PEARLConfig, obs_dim: int, act_dim: int, routed_min_q: bool) -> float:
@@ -72,7 +67,7 @@ def update_flops(cfg: PEARLConfig, obs_dim: int, act_dim: int, routed_min_q: boo
     n = cfg.meta_batch * cfg.batch_size
     ctx_rows = n if cfg.context_sampler == "off-policy-rl-batch" else (
         cfg.meta_batch * cfg.embedding_batch_size)
-    ctx_dim = context_dim(cfg, obs_dim, act_dim)
+    ctx_dim = context_dim(obs_dim, act_dim, cfg.use_next_obs_in_context)
     h, lat = cfg.net_size, cfg.latent_size
 
     def net(in_dim: int, out_dim: int, hidden: int = h, learning_inputs: int = 0):
@@ -111,7 +106,8 @@ class ReferenceStep:
     def __init__(self, cfg: PEARLConfig, obs_dim: int, act_dim: int, buffers: dict, rng, device):
         h, lat, self.cfg, self.device = cfg.net_size, cfg.latent_size, cfg, device
         self.buffers, self.rng = buffers, rng
-        self.encoder = _mlp(context_dim(cfg, obs_dim, act_dim), cfg.encoder_size, 2 * lat)
+        self.encoder = _mlp(context_dim(obs_dim, act_dim, cfg.use_next_obs_in_context),
+                            cfg.encoder_size, 2 * lat)
         self.qf1, self.qf2 = _mlp(obs_dim + act_dim + lat, h, 1), _mlp(obs_dim + act_dim + lat, h, 1)
         self.vf, self.target_vf = _mlp(obs_dim + lat, h, 1), _mlp(obs_dim + lat, h, 1)
         self.policy = _mlp(obs_dim + lat, h, 2 * act_dim)

@@ -34,6 +34,11 @@ def to_env_action(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.n
     return low + (np.clip(action, -1.0, 1.0) + 1.0) * 0.5 * (high - low)
 
 
+def context_dim(obs_dim: int, action_dim: int, use_next_obs_in_context: bool) -> int:
+    """Width of a context row: (s, a, r), and s' where the config puts it in."""
+    return obs_dim + action_dim + 1 + (obs_dim if use_next_obs_in_context else 0)
+
+
 class PEARLAgent(nn.Module):
     """Context encoder + policy, and for deployment a belief over z for one task.
 
@@ -63,7 +68,7 @@ class PEARLAgent(nn.Module):
         self.online_context_rows = online_context_rows
         self.obs_dim, self.action_dim, self.latent_size = obs_dim, action_dim, latent_size
         self.use_next_obs_in_context = use_next_obs_in_context
-        self.context_dim = obs_dim + action_dim + 1 + (obs_dim if use_next_obs_in_context else 0)
+        self.context_dim = context_dim(obs_dim, action_dim, use_next_obs_in_context)
         self.encoder = make_encoder(encoder, self.context_dim, latent_size, encoder_size,
                                     use_information_bottleneck, rnn_bptt_steps, factor_rank,
                                     factor_u_bound, posterior_mean_bound)
