@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from metapearl.agent import PEARLAgent
-from metapearl.evaluation import EvalResult, meta_test
+from metapearl.evaluation import EvalResult, meta_test, offline_test
 from metapearl.rollout import Belief, collect
 from metapearl.tasks import TaskFamily, get_family
 from metapearl.tasks.point import PointEnv
@@ -179,6 +179,47 @@ def test_a_deployment_agent_moved_mid_task_keeps_its_task_state(tiny_config):
     np.testing.assert_allclose(agent.act([0.0, 0.0]), before, rtol=1e-5, atol=1e-6)
 
 
+class _FallsAfterThreeSteps(_FixedStartPoint):
+    """Every episode terminates at its third step, as a falling walker's would."""
+
+    name = "test-falls-after-three-steps"
+
+    def make_env(self):
+        env = super().make_env()
+        step, reset = env.step, env.reset
+
+        def counted_step(action):
+            obs, reward, _, truncated, info = step(action)
+            env.t += 1
+            return obs, reward, env.t == 3, truncated, info
+
+        def counted_reset(**kwargs):
+            env.t = 0
+            return reset(**kwargs)
+
+        env.step, env.reset = counted_step, counted_reset
+        return env
+
+
+def test_offline_test_runs_a_fixed_number_of_trajectories_however_early_they_end(tiny_config):
+    cfg = tiny_config(num_steps_per_eval=40)  # max_path_length 10: 4 trajectories per task
+    fam = _FallsAfterThreeSteps()
+    agent = _agent(cfg)
+    tasks = [{"goal": [1.0, 0.0]}, {"goal": [0.0, 1.0]}, {"goal": [-1.0, 0.0]}]
+    rows = torch.zeros(5, agent.context_dim)
+    result = offline_test(agent, fam, [fam.make_env() for _ in range(2)], tasks,
+                          lambda slots: rows.expand(len(slots), -1, -1), cfg, None)
+    # a 40-step budget would have run 14 three-step trajectories per task, as meta_test does
+    assert [len(r) for r in result.returns] == [4, 4, 4]
+    assert [len(r) for r in meta_test(agent, fam, [fam.make_env()], tasks[:1], cfg,
+                                      None).returns] == [14]
+
+
+def test_offline_return_weighs_every_task_alike():
+    result = EvalResult(returns=[[-9.0, -4.0, -1.0], [-8.0, -6.0]], successes=[[], []])
+    assert result.mean_return == pytest.approx((-14.0 / 3 + -7.0) / 2)  # not -28 / 5
+
+
 def test_reported_return_is_the_last_trajectory():
     result = EvalResult(returns=[[-9.0, -4.0, -1.0], [-8.0, -6.0]],
                         successes=[[False, False, True], [False, True]])
@@ -188,7 +229,7 @@ def test_reported_return_is_the_last_trajectory():
 
 
 def test_sparse_family_gives_context_the_sparse_reward_and_critic_the_dense_one(tiny_config):
-    cfg = tiny_config(family="sparse-point-robot")
+    cfg = tiny_config(family="sparse-point-robot", num_exp_traj_eval=2)
     fam = get_family("sparse-point-robot")
     env = fam.make_env()
     fam.set_task(env, {"goal": [0.0, 0.1]})  # the start (origin) is inside the goal radius

@@ -33,8 +33,9 @@ class EvalResult:
 
     @property
     def mean_return(self) -> float:
-        """Mean over every trajectory of every slot."""
-        return float(np.mean([x for r in self.returns for x in r]))
+        """Mean over slots of each slot's mean trajectory return (the reference's per-task
+        average, so a slot with more trajectories does not weigh more)."""
+        return float(np.mean([np.mean(r) for r in self.returns]))
 
     @property
     def final_success_rate(self) -> float:
@@ -60,8 +61,10 @@ def _run_slots(
     generator: torch.Generator | None,
     initial_belief: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]],
     after_trajectory: Callable[[int, Trajectory], tuple[torch.Tensor, torch.Tensor] | None],
+    max_trajectories: int | None = None,
 ) -> EvalResult:
-    """Run slot s on tasks[s], as many side by side as there are envs.
+    """Run slot s on tasks[s], as many side by side as there are envs, for `cfg.num_steps_per_eval`
+    steps or `max_trajectories` trajectories (see `collect`).
 
     initial_belief(slots) gives (mu, var) for those slots; after_trajectory(slot, traj) may return
     a new (mu, var) for that slot.
@@ -80,7 +83,8 @@ def _run_slots(
                 belief.set(i, *new)
 
         trajs = collect(agent, wave_envs, belief, cfg.num_steps_per_eval, cfg.max_path_length,
-                        deterministic=True, generator=generator, on_trajectory=on_trajectory)
+                        deterministic=True, generator=generator, on_trajectory=on_trajectory,
+                        max_trajectories=max_trajectories)
         returns += [[t.ret for t in slot] for slot in trajs]
         successes += [[t.success for t in slot] for slot in trajs]
     return EvalResult(returns, successes)
@@ -127,6 +131,9 @@ def offline_test(
 ) -> EvalResult:
     """Training tasks with the posterior inferred from buffer context, re-drawn every trajectory.
 
+    As the reference: `num_steps_per_eval // max_path_length` trajectories per task (at least
+    one), however early they end, so a task whose episodes terminate early is not sampled more
+    often, nor its short trajectories more than its long ones, as a step budget would.
     `context_of(slot_indices)` returns context rows (len(slots), n, context_dim) for those slots'
     tasks (indices into `tasks`).
     """
@@ -134,6 +141,7 @@ def offline_test(
         agent, family, envs, tasks, cfg, generator,
         lambda slots: agent.posterior(context_of(slots)),
         lambda s, traj: agent.posterior(context_of([s])),
+        max_trajectories=max(1, cfg.num_steps_per_eval // cfg.max_path_length),
     )
 
 

@@ -93,8 +93,10 @@ def collect(
     deterministic: bool,
     generator: torch.Generator | None,
     on_trajectory: Callable[[int, Trajectory], None] | None = None,
+    max_trajectories: int | None = None,
 ) -> list[list[Trajectory]]:
-    """Run whole trajectories in every env until each has at least `num_steps` steps.
+    """Run whole trajectories in every env until each has at least `num_steps` steps (or, sooner,
+    `max_trajectories` trajectories).
 
     Returns, per slot, its trajectories in order. `on_trajectory(slot, traj)` runs as each one
     ends, before the slot's next z is drawn, so it may update `belief`.
@@ -151,7 +153,7 @@ def collect(
                 out[i].append(traj)
                 if on_trajectory is not None:
                     on_trajectory(int(i), traj)
-                if steps[i] >= num_steps:
+                if steps[i] >= num_steps or len(out[i]) == max_trajectories:
                     active[i] = False
                 else:
                     restart.append(int(i))
