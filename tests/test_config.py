@@ -226,3 +226,13 @@ def test_kl_lambda_schedule_gives_each_iteration_its_weight(tiny_config):
     for bad in ("300", "300:x", "0:0.1", "300:0.1,200:0.2", "300:-1", "300:inf", "300:nan"):
         with pytest.raises(ConfigError, match="kl_lambda_schedule"):
             tiny_config(kl_lambda_schedule=bad)
+
+
+def test_the_reported_trajectory_must_come_after_the_exploration_ones(tiny_config):
+    # max_path_length 10: 40 steps hold 4 trajectories, 31 at least 4 (whole trajectories)
+    assert tiny_config(num_exp_traj_eval=3, num_steps_per_eval=40).num_exp_traj_eval == 3
+    assert tiny_config(num_exp_traj_eval=3, num_steps_per_eval=31).num_steps_per_eval == 31
+    with pytest.raises(ConfigError, match="holds as few as 4 trajectories of max_path_length 10"):
+        tiny_config(num_exp_traj_eval=4, num_steps_per_eval=40)
+    with pytest.raises(ConfigError, match="lower num_exp_traj_eval"):
+        tiny_config(num_exp_traj_eval=3, num_steps_per_eval=30)

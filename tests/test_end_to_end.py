@@ -26,7 +26,7 @@ def _numbers(run_dir):
 
 @pytest.mark.parametrize("family", ["point-robot", "sparse-point-robot"])
 def test_short_run_writes_the_run_directory(family, tiny_config, tmp_path):
-    cfg = tiny_config(family)
+    cfg = tiny_config(family, num_exp_traj_eval=2)  # sparse's 5 would leave no adapted trajectory
     summary = train(cfg, tmp_path / "run", progress=False)
     run = tmp_path / "run"
     for path in ["config.json", "progress.csv", "checkpoints/latest.pt", "eval/adaptation.csv",

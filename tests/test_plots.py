@@ -134,7 +134,7 @@ def cheetah_run(tmp_path_factory):
                 num_tasks_sample=1, num_steps_prior=30, num_extra_rl_steps_posterior=0,
                 num_train_steps_per_itr=2, num_steps_per_eval=30, max_path_length=15,
                 net_size=16, encoder_size=16, meta_batch=2, batch_size=8,
-                embedding_batch_size=8)
+                embedding_batch_size=8, num_exp_traj_eval=1)  # 2 trajectories: adapt the 2nd
     argv = ["train", "cheetah-vel", "--out", str(run), "--no-progress"]
     assert main(argv + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]) == 0
     return run

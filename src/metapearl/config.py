@@ -49,7 +49,8 @@ class PEARLConfig:
         "independent transitions), rnn-traj (GRU over whole trajectories; RL batch too)"
     )
     rnn_bptt_steps: int = _f(
-        100, "recurrent encoders: backpropagate through at most this many steps (0: all)"
+        100, "recurrent encoders: backpropagate through at most this many steps (0: all, as the "
+        "reference does; ours bounds the cost of its 256-row contexts)"
     )
     factor_rank: int = _f(
         0, "pog encoder: rank of a low-rank term added to each factor's diagonal precision, so a "
@@ -169,6 +170,15 @@ class PEARLConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         self.kl_lambda_at(0)  # parses kl_lambda_schedule
+        fewest = -(-self.num_steps_per_eval // self.max_path_length)  # trajectories per meta-test
+        if fewest <= self.num_exp_traj_eval:
+            raise ConfigError(
+                f"num_steps_per_eval {self.num_steps_per_eval} holds as few as {fewest} "
+                f"trajectories of max_path_length {self.max_path_length}, and the first "
+                f"num_exp_traj_eval ({self.num_exp_traj_eval}) run before any posterior: the "
+                "reported last trajectory would not be adapted. Raise num_steps_per_eval or "
+                "lower num_exp_traj_eval"
+            )
         if self.seed >= SEED_LIMIT:
             raise ConfigError(f"seed must be < 2**32, got {self.seed}")
         for name in ("lr", "reward_scale"):
