@@ -255,6 +255,8 @@ def test_a_flagged_instability_ends_the_episode_and_is_counted(tiny_config, tmp_
     stored = torch.cat([rl.data[t, :rl.sizes[t]] for t in range(len(rl.sizes))])
     assert torch.isfinite(stored).all() and len(stored) > 0
     assert int(rl.sizes.max()) > 0 and all(s % 3 == 0 for s in rl.sizes)
+    # every unstable step was taken in the env, though not stored: it counts as an env step
+    assert int(rows[-1]["Number of env steps total"]) == int(rl.sizes.sum()) + counted[-1]
 
 
 # --- clear errors for bad input ------------------------------------------------------------------

@@ -271,7 +271,7 @@ class Trainer:
 
         out = collect(self.agent, envs, belief, num_steps, self.cfg.max_path_length,
                       deterministic=False, generator=self.gen, on_trajectory=store)
-        return sum(len(traj) for slot in out for traj in slot)
+        return sum(len(traj) + traj.unstable for slot in out for traj in slot)  # the dropped step too
 
     def collect_iteration_data(self) -> int:
         """Steps 1-2 of Algorithm 1 for the current iteration; returns env steps taken."""

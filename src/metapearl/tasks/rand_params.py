@@ -2,7 +2,9 @@
 
 A task multiplies every element of the model's body_mass, body_inertia and geom_friction by
 1.5^U(-3, 3) and of dof_damping by 1.3^U(-3, 3), starting from the model's own defaults (kept at
-env creation), so setting a task undoes the previous one exactly. Reward v_x + 1 - 1e-3 ||a||^2
+env creation), so setting a task undoes the previous one exactly. As in the reference, what MuJoCo
+derives from them when it compiles the model (body_subtreemass, body_invweight0, which scales
+the constraint regularisation) is not recomputed (no mj_setConst). Reward v_x + 1 - 1e-3 ||a||^2
 with the reference's termination; the context holds s' (`use_next_obs_in_context` in the presets).
 Observations are the v5 envs' (qpos[1:], clip(qvel, -10, 10)) as in the reference. The walker
 runs on Gymnasium's older walker2d.xml, the reference's model (right foot friction 0.9, left 1.9);
