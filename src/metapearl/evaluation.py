@@ -42,10 +42,11 @@ class EvalResult:
         return float(np.mean([s[-1] for s in self.successes]))
 
     def adaptation_curve(self) -> np.ndarray:
-        """Mean return of trajectory k (k = 1..K) over the slots that have a k-th trajectory."""
-        longest = max(len(r) for r in self.returns)
-        return np.array([np.mean([r[k] for r in self.returns if len(r) > k])
-                         for k in range(longest)])
+        """Mean return of trajectory k over the slots, k = 1..K for the fewest trajectories K any
+        slot ran, as the reference cuts them (where episodes can end early, the slots that run
+        more trajectories are those whose episodes fail, so longer curves would sink)."""
+        shortest = min(len(r) for r in self.returns)
+        return np.mean([r[:shortest] for r in self.returns], axis=0)
 
 
 def _waves(items: list, size: int) -> list[list]:
