@@ -236,3 +236,41 @@ def test_the_reported_trajectory_must_come_after_the_exploration_ones(tiny_confi
         tiny_config(num_exp_traj_eval=4, num_steps_per_eval=40)
     with pytest.raises(ConfigError, match="lower num_exp_traj_eval"):
         tiny_config(num_exp_traj_eval=3, num_steps_per_eval=30)
+
+
+def test_a_long_episode_family_gets_a_meta_test_that_adapts():
+    from metapearl import TaskFamily, register_family
+
+    class Long(TaskFamily):
+        name = "test-long-episodes"
+        max_path_length = 1000
+
+        def make_env(self):
+            return None
+
+        def sample_task(self, rng):
+            return {}
+
+        def set_task(self, env, task):
+            pass
+
+    register_family(Long())
+    for preset in ("paper", "default"):
+        cfg = make_config("test-long-episodes", preset)
+        assert cfg.num_steps_per_eval == 2000 and cfg.num_exp_traj_eval == 1
+    assert make_config("point-robot", "paper").num_steps_per_eval == 60  # presets keep theirs
+
+
+def test_eval_can_mend_a_stored_protocol_that_leaves_no_adapted_trajectory(tiny_config, tmp_path,
+                                                                            capsys):
+    from metapearl import train
+
+    run = tmp_path / "run"
+    train(tiny_config(num_iterations=1), run, progress=False)
+    stored = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**stored, "num_exp_traj_eval": 4}))  # 40 of 10
+    assert main(["eval", str(run)]) == 2
+    assert "holds as few as 4 trajectories" in capsys.readouterr().err
+    assert main(["eval", str(run), "--num-exp-traj-eval", "2"]) == 0
+    assert main(["eval", str(run), "--num-steps-per-eval", "50"]) == 0
+    assert (run / "eval" / "meta_test_itr1_num_steps_per_eval50.csv").exists()

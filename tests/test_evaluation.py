@@ -202,17 +202,17 @@ class _FallsAfterThreeSteps(_FixedStartPoint):
 
 
 def test_offline_test_runs_a_fixed_number_of_trajectories_however_early_they_end(tiny_config):
-    cfg = tiny_config(num_steps_per_eval=40)  # max_path_length 10: 4 trajectories per task
+    cfg = tiny_config(num_steps_per_eval=45)  # max_path_length 10: 4 trajectories per task
     fam = _FallsAfterThreeSteps()
     agent = _agent(cfg)
     tasks = [{"goal": [1.0, 0.0]}, {"goal": [0.0, 1.0]}, {"goal": [-1.0, 0.0]}]
     rows = torch.zeros(5, agent.context_dim)
     result = offline_test(agent, fam, [fam.make_env() for _ in range(2)], tasks,
                           lambda slots: rows.expand(len(slots), -1, -1), cfg, None)
-    # a 40-step budget would have run 14 three-step trajectories per task, as meta_test does
+    # a 45-step budget would have run 15 three-step trajectories per task, as meta_test does
     assert [len(r) for r in result.returns] == [4, 4, 4]
     assert [len(r) for r in meta_test(agent, fam, [fam.make_env()], tasks[:1], cfg,
-                                      None).returns] == [14]
+                                      None).returns] == [15]
 
 
 def test_offline_return_weighs_every_task_alike():

@@ -94,18 +94,23 @@ def load_checkpoint(run_dir: Path, mmap: bool = False) -> dict[str, Any]:
     return state
 
 
-def load_run_config(run_dir: Path):
-    """The PEARLConfig stored in run_dir/config.json (parsed as JSON, never executed)."""
-    from metapearl.config import PEARLConfig
-
+def run_config_values(run_dir: Path) -> dict[str, Any]:
+    """The values in run_dir/config.json (parsed as JSON, never executed), not yet validated."""
     path = Path(run_dir) / "config.json"
     if not path.exists():
         raise CheckpointError(f"{run_dir} is not a metapearl run (no config.json)")
     try:
-        values = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    return PEARLConfig.from_dict(values)
+
+
+def load_run_config(run_dir: Path, overrides: dict[str, Any] | None = None):
+    """The PEARLConfig stored in run_dir/config.json, with `overrides` (field -> value) put in
+    before it is validated (`metapearl eval`'s protocol options can so mend a stored protocol)."""
+    from metapearl.config import PEARLConfig
+
+    return PEARLConfig.from_dict({**run_config_values(run_dir), **(overrides or {})})
 
 
 def _unloadable(e: BaseException) -> str:
@@ -139,10 +144,10 @@ def config_changes(stored: dict[str, Any], cfg) -> list[str]:
                   if k not in RESUME_FIELDS and stored.get(k) != current.get(k))
 
 
-def check_compatible(state: dict[str, Any], cfg) -> None:
+def check_compatible(state: dict[str, Any], cfg, exempt: tuple[str, ...] = ()) -> None:
     """CheckpointError unless the checkpoint was written by a run with config `cfg` (up to
-    RESUME_FIELDS)."""
-    changed = config_changes(state["config"], cfg)
+    RESUME_FIELDS and `exempt`)."""
+    changed = [k for k in config_changes(state["config"], cfg) if k not in exempt]
     if changed:
         raise CheckpointError(
             f"the checkpoint was written with another config (differs in {', '.join(changed)})"
@@ -167,19 +172,19 @@ def load_agent(run_dir: Path, device: str = "cpu", cfg=None):
     from metapearl.agent import PEARLAgent
     from metapearl.config import EVAL_FIELDS
 
-    run_cfg = load_run_config(run_dir)
-    state = load_checkpoint(run_dir, mmap=True)
-    check_compatible(state, run_cfg)
-    cfg = run_cfg if cfg is None else cfg.validate()
-    changed = [k for k in config_changes(run_cfg.to_dict(), cfg) if k not in EVAL_FIELDS]
+    stored = run_config_values(run_dir)
+    cfg = load_run_config(run_dir) if cfg is None else cfg.validate()
+    changed = [k for k in config_changes(stored, cfg) if k not in EVAL_FIELDS]
     if changed:
         raise CheckpointError(f"the agent of {run_dir} cannot be loaded with another "
                               f"{', '.join(changed)} (only {', '.join(EVAL_FIELDS)} may change)")
+    state = load_checkpoint(run_dir, mmap=True)
+    check_compatible(state, cfg, EVAL_FIELDS)
     meta = state["agent_meta"]
     agent = PEARLAgent.from_config(
         cfg, meta["obs_dim"], meta["action_dim"], meta["action_low"], meta["action_high"]
     ).to(device)
-    key = "averaged_agent" if run_cfg.agent_average_iterations else "agent"
+    key = "averaged_agent" if cfg.agent_average_iterations else "agent"
     if key not in state:
         raise CheckpointError(f"the checkpoint of {run_dir} holds no {key}")
     load_state(agent, state[key], key.replace("_", " "))

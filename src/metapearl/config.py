@@ -49,8 +49,8 @@ class PEARLConfig:
         "independent transitions), rnn-traj (GRU over whole trajectories; RL batch too)"
     )
     rnn_bptt_steps: int = _f(
-        100, "recurrent encoders: backpropagate through at most this many steps (0: all, as the "
-        "reference does; ours bounds the cost of its 256-row contexts)"
+        100, "recurrent encoders: backpropagate through at most this many context rows (0: all, "
+        "as the reference does; the default 100 bounds the cost on long contexts)"
     )
     factor_rank: int = _f(
         0, "pog encoder: rank of a low-rank term added to each factor's diagonal precision, so a "
@@ -174,10 +174,12 @@ class PEARLConfig:
         if fewest <= self.num_exp_traj_eval:
             raise ConfigError(
                 f"num_steps_per_eval {self.num_steps_per_eval} holds as few as {fewest} "
-                f"trajectories of max_path_length {self.max_path_length}, and the first "
-                f"num_exp_traj_eval ({self.num_exp_traj_eval}) run before any posterior: the "
-                "reported last trajectory would not be adapted. Raise num_steps_per_eval or "
-                "lower num_exp_traj_eval"
+                f"{'trajectory' if fewest == 1 else 'trajectories'} of max_path_length "
+                f"{self.max_path_length}, and the first num_exp_traj_eval "
+                f"({self.num_exp_traj_eval}) run before any posterior: the reported last "
+                "trajectory would not be adapted. Raise num_steps_per_eval to more than "
+                f"{self.num_exp_traj_eval * self.max_path_length}"
+                + (" or lower num_exp_traj_eval" if self.num_exp_traj_eval > 1 else "")
             )
         if self.seed >= SEED_LIMIT:
             raise ConfigError(f"seed must be < 2**32, got {self.seed}")
@@ -489,6 +491,9 @@ def make_config(
     cfg.max_path_length = fam.max_path_length
     for key, value in table[preset].items():
         _set_field(cfg, key, value)
+    if table is GENERIC_PRESETS:  # SPEC's 600 steps: 3 of 200; a longer episode gets 1 adapted
+        cfg.num_steps_per_eval = max(cfg.num_steps_per_eval,
+                                     (cfg.num_exp_traj_eval + 1) * cfg.max_path_length)
     for key, value in (overrides or {}).items():
         if key == "family":
             raise ConfigError("family is chosen by the positional argument, not by --set")

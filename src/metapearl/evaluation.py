@@ -132,8 +132,8 @@ def offline_test(
 ) -> EvalResult:
     """Training tasks with the posterior inferred from buffer context, re-drawn every trajectory.
 
-    As the reference: `num_steps_per_eval // max_path_length` trajectories per task (at least
-    one), however early they end, so a task whose episodes terminate early is not sampled more
+    As the reference: `num_steps_per_eval // max_path_length` trajectories per task, however early
+    they end, so a task whose episodes terminate early is not sampled more
     often, nor its short trajectories more than its long ones, as a step budget would.
     `context_of(slot_indices)` returns context rows (len(slots), n, context_dim) for those slots'
     tasks (indices into `tasks`).
@@ -142,7 +142,7 @@ def offline_test(
         agent, family, envs, tasks, cfg, generator,
         lambda slots: agent.posterior(context_of(slots)),
         lambda s, traj: agent.posterior(context_of([s])),
-        max_trajectories=max(1, cfg.num_steps_per_eval // cfg.max_path_length),
+        max_trajectories=cfg.num_steps_per_eval // cfg.max_path_length,  # >= 2 (config check)
     )
 
 
