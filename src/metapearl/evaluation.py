@@ -133,8 +133,8 @@ def offline_test(
     """Training tasks with the posterior inferred from buffer context, re-drawn every trajectory.
 
     As the reference: `num_steps_per_eval // max_path_length` trajectories per task, however early
-    they end, so a task whose episodes terminate early is not sampled more
-    often, nor its short trajectories more than its long ones, as a step budget would.
+    they end (a step budget would give a task whose episodes end early more trajectories, and
+    its short ones more weight than its long ones).
     `context_of(slot_indices)` returns context rows (len(slots), n, context_dim) for those slots'
     tasks (indices into `tasks`).
     """
