@@ -170,10 +170,10 @@ def load_agent(run_dir: Path, device: str = "cpu", cfg=None):
     the last iterate. `cfg` (default: the run's; validated) may differ from the run's config only
     in EVAL_FIELDS and in RESUME_FIELDS, which do not touch the agent."""
     from metapearl.agent import PEARLAgent
-    from metapearl.config import EVAL_FIELDS
+    from metapearl.config import EVAL_FIELDS, PEARLConfig
 
     stored = run_config_values(run_dir)
-    cfg = load_run_config(run_dir) if cfg is None else cfg.validate()
+    cfg = PEARLConfig.from_dict(stored) if cfg is None else cfg.validate()
     changed = [k for k in config_changes(stored, cfg) if k not in EVAL_FIELDS]
     if changed:
         raise CheckpointError(f"the agent of {run_dir} cannot be loaded with another "

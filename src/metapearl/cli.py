@@ -94,24 +94,24 @@ def _cmd_eval(args) -> int:
     import torch
 
     from metapearl.checkpoint import (
+        config_changes,
         load_agent,
         load_checkpoint,
         load_run_config,
         run_config_values,
     )
-    from metapearl.config import PEARLConfig
     from metapearl.evaluation import meta_test
     from metapearl.plots import adaptation_curves
     from metapearl.tasks import get_family
 
     run_dir = Path(args.run_dir)
-    stored = {**PEARLConfig().to_dict(), **run_config_values(run_dir)}
     given = {"num_evals": args.num_evals, "num_steps_per_eval": args.num_steps_per_eval,
              "num_exp_traj_eval": args.num_exp_traj_eval,
              "sample_online_context": None if args.online_context is None
              else args.online_context == "sampled"}
-    changed = {k: v for k, v in given.items() if v is not None and v != stored[k]}
-    cfg = load_run_config(run_dir, changed)  # validated with the changes
+    cfg = load_run_config(run_dir, {k: v for k, v in given.items() if v is not None})
+    differs = config_changes(run_config_values(run_dir), cfg)
+    changed = {k: getattr(cfg, k) for k in given if k in differs}
     agent = load_agent(run_dir, cfg=cfg)
     state = load_checkpoint(run_dir, mmap=True)  # the task sets; the buffers stay unread
     family = get_family(cfg.family)

@@ -142,7 +142,7 @@ def offline_test(
         agent, family, envs, tasks, cfg, generator,
         lambda slots: agent.posterior(context_of(slots)),
         lambda s, traj: agent.posterior(context_of([s])),
-        max_trajectories=cfg.num_steps_per_eval // cfg.max_path_length,  # >= 2 (config check)
+        max_trajectories=cfg.num_steps_per_eval // cfg.max_path_length,  # >= 1 (config check)
     )
 
 
