@@ -6,8 +6,9 @@
 
 Each run is `metapearl train FAMILY --seed S --set <the variant's switch>` on the default preset,
 cut to --iterations and evaluated every --eval-interval iterations, in OUT/VARIANT-sS. Every run
-meta-tests as SPEC section 5 does, from all the context (`sample_online_context=false`, which
-the record predates and the rnn-traj encoder needs). Finished
+meta-tests as SPEC section 5 does: from all the context (`sample_online_context=false`, which
+the record predates and the rnn-traj encoder needs), and the last iterate, not an average over
+iterations (`agent_average_iterations=0`, which the record also predates). Finished
 runs are kept, interrupted ones resumed, so the command can be repeated after a crash; with a
 larger --iterations, finished runs go on from their last checkpoint. With --jobs 2
 the runs use one torch thread each. At the end: OUT/ablations.md (final success rate and return,
@@ -65,7 +66,7 @@ def train_one(args, variant: str, seed: int) -> str:
     else:
         cmd += ["--seed", str(seed)]
         sets.update(VARIANTS[variant], eval_interval=args.eval_interval,
-                    sample_online_context="false")
+                    sample_online_context="false", agent_average_iterations=0)
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
     start = time.perf_counter()
