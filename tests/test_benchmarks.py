@@ -92,6 +92,30 @@ def _benchmark_module(name: str):
     return module
 
 
+def test_a_new_ablation_run_meta_tests_the_last_iterate_from_all_the_context(tmp_path,
+                                                                            monkeypatch):
+    """ablations.py trains each variant on the default preset but meta-tests as SPEC section 5
+    does (and as its record was trained), whatever the preset's own evaluation settings."""
+    import argparse
+
+    from metapearl.config import make_config, parse_overrides
+
+    module = _benchmark_module("ablations")
+    commands = []
+    monkeypatch.setattr(module.subprocess, "run", lambda cmd, **kw: commands.append(cmd)
+                        or subprocess.CompletedProcess(cmd, 0))
+    args = argparse.Namespace(family="sparse-point-robot", out=tmp_path, iterations=300,
+                              threads=1, eval_interval=10)
+    module.train_one(args, "rnn-tran", 1)
+    (cmd,) = commands
+    sets = [cmd[i + 1] for i, flag in enumerate(cmd) if flag == "--set"]
+    cfg = make_config("sparse-point-robot", "default",
+                      {**parse_overrides(sets), "seed": int(cmd[cmd.index("--seed") + 1])})
+    assert make_config("sparse-point-robot", "default").agent_average_iterations > 0
+    assert (cfg.agent_average_iterations, cfg.sample_online_context) == (0, False)
+    assert (cfg.encoder, cfg.seed, cfg.num_iterations, cfg.eval_interval) == ("rnn-tran", 1, 300, 10)
+
+
 def test_found_then_lost_statistics():
     module = _benchmark_module("sparse_exploration")
     rad = np.radians
