@@ -210,7 +210,8 @@ class PEARLAgent(nn.Module):
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "cpu") -> PEARLAgent:
-        """The agent of a training run's latest checkpoint (tensors only; no code is executed)."""
+        """The agent of a training run's latest checkpoint (tensors only; no code is executed):
+        with `agent_average_iterations`, the averaged agent its evaluations used."""
         from metapearl.checkpoint import load_agent
 
         return load_agent(Path(run_dir), device)

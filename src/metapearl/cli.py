@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="meta-train on a task family",
                        description="Meta-train PEARL on FAMILY. Writes config.json, progress.csv, "
                        "eval/adaptation.csv, checkpoints/latest.pt (every iteration) and "
-                       "plots/*.png to the run directory, then prints a one-line summary.")
+                       "plots/*.png and .svg to the run directory, then prints where the learning curve is "
+                       "and a one-line summary.")
     p.add_argument("family", help="task family (see `metapearl tasks`)")
     p.add_argument("--preset", default=None,
                    help="default (CPU-sized, ours; the default) or paper (SPEC section 7 exactly)")
@@ -239,14 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default runs/FAMILY_PRESET_sSEED_TIME)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint (its first "
-                   "command line plus --resume does it; a changed value is refused); with --set "
-                   "num_iterations=N a finished run goes on to N iterations")
+                   "command line plus --resume does it); with --set num_iterations=N a finished "
+                   "run goes on to N iterations; torch_threads, cpu_gemm and cuda_graphs may "
+                   "change too, any other changed value is refused")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="meta-test a run's latest checkpoint",
                        description="Run the meta-test protocol (SPEC section 5) on the run's test "
-                       "tasks and write the adaptation curve to RUN_DIR/eval/. By default the "
+                       "tasks and write the adaptation curve to RUN_DIR/eval/ and its plot to "
+                       "RUN_DIR/plots/. By default the "
                        "protocol is the run's own; the options change it for this evaluation only, "
                        "e.g. to see how the agent keeps adapting over more trajectories.",
                        epilog="example: metapearl eval runs/pr1 --num-steps-per-eval 200 "

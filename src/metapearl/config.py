@@ -39,9 +39,13 @@ class PEARLConfig:
     # model (SPEC section 2)
     latent_size: int = _f(5, "dimension of the context variable z")
     net_size: int = _f(300, "hidden width of the Q, V and policy networks (3 hidden layers)")
-    encoder_size: int = _f(200, "hidden width of the context encoder (3 hidden layers)")
+    encoder_size: int = _f(
+        200, "hidden width of the context encoder (pog: 3 hidden layers; rnn-*: 2 layers per "
+        "transition, then a GRU of this width)"
+    )
     use_information_bottleneck: bool = _f(
-        True, "stochastic z with KL to N(0,I); False: deterministic z = mean of encoder outputs"
+        True, "stochastic z with KL to N(0,I); False: deterministic z (pog: the mean of the encoder "
+        "outputs; rnn-*: the GRU head's output), no KL term"
     )
     use_next_obs_in_context: bool = _f(False, "context transitions include s' as well as (s,a,r)")
     encoder: str = _f(
@@ -69,7 +73,11 @@ class PEARLConfig:
     # losses (SPEC section 3)
     meta_batch: int = _f(16, "training tasks per gradient step")
     batch_size: int = _f(256, "RL batch: transitions per task per gradient step")
-    embedding_batch_size: int = _f(64, "context batch: transitions per task per gradient step")
+    embedding_batch_size: int = _f(
+        64, "context batch: transitions per task per gradient step (unused by off-policy-rl-batch, "
+        "which takes the RL batch); also the buffer rows behind each training-collection posterior "
+        "and the offline evaluation's, and the rows sample_online_context draws"
+    )
     discount: float = _f(0.99, "gamma")
     soft_target_tau: float = _f(0.005, "Polyak rate of the target V network")
     reward_scale: float = _f(5.0, "reward multiplier in the critic target (acts as 1/alpha)")
@@ -107,7 +115,7 @@ class PEARLConfig:
     num_evals: int = _f(2, "evaluation runs per task")
     num_exp_traj_eval: int = _f(1, "trajectories under the prior before the first posterior update")
     num_eval_train_tasks: int = _f(
-        -1, "training tasks evaluated each iteration (-1: as many as test tasks)"
+        -1, "training tasks evaluated at each evaluation (-1: as many as test tasks)"
     )
     sample_online_context: bool = _f(
         False, "infer each online posterior (meta-test, `PEARLAgent.infer_posterior`) from "
@@ -123,7 +131,7 @@ class PEARLConfig:
         "ours: sparse-point-robot's and ant-dir's default presets, README)"
     )
     # engineering
-    max_parallel_envs: int = _f(64, "environments stepped side by side during collection")
+    max_parallel_envs: int = _f(64, "environments stepped side by side in collection and evaluation")
     torch_threads: int = _f(
         0, "CPU compute threads: torch's, or under numpy matmuls those a gradient step splits its "
         "tasks over, everything else then on one (0: torch's default, one per physical core)"
@@ -131,12 +139,14 @@ class PEARLConfig:
     cpu_gemm: str = _f(
         "auto", "on CPU, the library of the networks' matmuls: numpy (its BLAS, with each gradient "
         "step's tasks split over torch_threads threads), torch (each op on torch_threads threads), "
-        "or auto (numpy for updates of at least 16 x 256 rows x 300^2 on an AMD CPU, else torch; see "
+        "or auto (numpy on an AMD CPU for updates of 2^28 or more multiply-accumulates per hidden RL "
+        "layer, meta_batch x batch_size x net_size^2, as 16 x 256 x 300^2, else torch; see "
         "metapearl/cpu.py); a CUDA run always uses torch"
     )
     cuda_graphs: bool = _f(
-        False, "on CUDA, replay each gradient step from CUDA graphs (metapearl/graphs.py; the "
-        "pog encoder only; torch >= 2.4)"
+        False, "on CUDA (device cuda), replay each gradient step from CUDA graphs "
+        "(metapearl/graphs.py; the pog encoder with diagonal factors (factor_rank 0) and "
+        "independent context transitions (context_trajectories false) only; torch >= 2.4)"
     )
     tensorboard: bool = _f(
         False, "also write progress.csv's scalars as TensorBoard events (needs [tensorboard])"
