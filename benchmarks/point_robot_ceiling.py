@@ -4,7 +4,8 @@ The meta-test (SPEC section 5, point-robot preset) reports the return of the 3rd
 posterior it acts on comes from the first two. This script removes everything but the inference:
 
 1. the return of a *perfect* policy that walks straight to a point at distance `err` from the goal
-   (err = 0 is the goal-aware oracle, -5.19 in the issue), so a goal error maps to a return;
+   (err = 0 is the goal-aware oracle, -5.19 per episode; docs/measurements.md), so a goal
+   error maps to a return;
 2. PEARL's product-of-Gaussians encoder (``metapearl.encoder.ContextEncoder``, latent size
    --latent) followed by a small MLP decoder from the posterior mean to the goal (the part of the
    policy and critic that reads z), trained *supervised* (squared goal error) on the contexts of

@@ -18,8 +18,10 @@ Figures (the --json keys):
 - collect_steps_per_s, raw_env_steps_per_s, collect_fraction_of_raw: env steps per second of a
   PEARL iteration's collection (prior + posterior phases, policy and posterior inference
   included) against stepping the same task env with a constant action, in alternating rounds;
-- peak_rss_mb: peak resident memory of a separate process that builds the run and does its
-  initial collection (iteration 0's num_initial_steps in every training task) and one gradient step.
+- peak_rss_mb: peak resident memory of a separate process that builds the run and does iteration
+  0's collection (num_initial_steps in every training task, then that iteration's prior and
+  posterior collection) and one gradient step;
+- device: the device and how the step ran (CPU settings, or the GPU's name).
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ class TaskFamily(ABC):
     def sample_tasks(
         self, num_train: int, num_test: int, rng: np.random.Generator
     ) -> tuple[list[Task], list[Task]]:
-        """Disjoint training and test task sets drawn from `rng` (the run's generator)."""
+        """Training and test task sets, independent draws from `rng` (the run's generator):
+        disjoint almost surely for a continuous task distribution."""
         tasks = [self.sample_task(rng) for _ in range(num_train + num_test)]
         return tasks[:num_train], tasks[num_train:]
 
