@@ -105,12 +105,11 @@ def run_config_values(run_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
-def load_run_config(run_dir: Path, overrides: dict[str, Any] | None = None):
-    """The PEARLConfig stored in run_dir/config.json, with `overrides` (field -> value) put in
-    before it is validated (`metapearl eval`'s protocol options can so mend a stored protocol)."""
+def load_run_config(run_dir: Path):
+    """The PEARLConfig stored in run_dir/config.json, validated."""
     from metapearl.config import PEARLConfig
 
-    return PEARLConfig.from_dict({**run_config_values(run_dir), **(overrides or {})})
+    return PEARLConfig.from_dict(run_config_values(run_dir))
 
 
 def _unloadable(e: BaseException) -> str:

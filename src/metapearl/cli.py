@@ -97,7 +97,6 @@ def _cmd_eval(args) -> int:
         config_changes,
         load_agent,
         load_checkpoint,
-        load_run_config,
         run_config_values,
     )
     from metapearl.evaluation import meta_test
@@ -109,8 +108,10 @@ def _cmd_eval(args) -> int:
              "num_exp_traj_eval": args.num_exp_traj_eval,
              "sample_online_context": None if args.online_context is None
              else args.online_context == "sampled"}
-    cfg = load_run_config(run_dir, {k: v for k, v in given.items() if v is not None})
-    differs = config_changes(run_config_values(run_dir), cfg)
+    # the options go in before the stored config is validated, so they can mend its protocol
+    stored = run_config_values(run_dir)
+    cfg = PEARLConfig.from_dict({**stored, **{k: v for k, v in given.items() if v is not None}})
+    differs = config_changes(stored, cfg)
     changed = {k: getattr(cfg, k) for k in given if k in differs}
     agent = load_agent(run_dir, cfg=cfg)
     state = load_checkpoint(run_dir, mmap=True)  # the task sets; the buffers stay unread
