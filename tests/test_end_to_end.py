@@ -176,6 +176,11 @@ def test_cli_train_eval_and_deployment(tmp_path, capsys):
     # posteriors from drawn context rows, for this evaluation only (point-robot's preset: all)
     assert main(["eval", str(run), "--online-context", "sampled"]) == 0
     assert (run / "eval" / "meta_test_itr2_sample_online_contextTrue.csv").exists()
+    # more runs per task and another seed: files of their own, the default protocol's kept
+    default_rows = (run / "eval" / "meta_test_itr2.csv").read_text()
+    assert main(["eval", str(run), "--num-evals", "2", "--seed", "3"]) == 0
+    assert (run / "eval" / "meta_test_itr2_num_evals2_seed3.csv").exists()
+    assert (run / "eval" / "meta_test_itr2.csv").read_text() == default_rows
     cfg = load_run_config(run)
     assert load_agent(run).online_context_rows == 0
     cfg.sample_online_context = True

@@ -121,8 +121,9 @@ def _cmd_eval(args) -> int:
     for i, env in enumerate(envs):
         env.reset(seed=args.seed * 100_003 + i)
     result = meta_test(agent, family, envs, tasks, cfg, torch.Generator().manual_seed(args.seed))
-    # another protocol or seed than the run's own gets a file of its own (num_evals only averages)
-    suffix = "".join(f"_{k}{v}" for k, v in changed.items() if k != "num_evals")
+    # another protocol, run count or seed than the run's own gets a file of its own, so one
+    # evaluation never overwrites another's
+    suffix = "".join(f"_{k}{v}" for k, v in changed.items())
     suffix += f"_seed{args.seed}" if args.seed else ""
     out = run_dir / "eval" / f"meta_test_itr{state['iteration']}{suffix}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -252,7 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "tasks and write the adaptation curve to RUN_DIR/eval/ and its plot to "
                        "RUN_DIR/plots/. By default the "
                        "protocol is the run's own; the options change it for this evaluation only, "
-                       "e.g. to see how the agent keeps adapting over more trajectories.",
+                       "e.g. to see how the agent keeps adapting over more trajectories. The file "
+                       "is named after the checkpoint's iteration and every option that differs "
+                       "from the run's, e.g. meta_test_itr150_num_evals10_seed3.csv, so no "
+                       "evaluation overwrites another's.",
                        epilog="example: metapearl eval runs/pr1 --num-steps-per-eval 200 "
                        "(10 trajectories of point-robot instead of 3)")
     p.add_argument("run_dir")
