@@ -52,6 +52,19 @@ def test_runs_are_grouped_by_config_without_seed_by_key_and_by_label(sparse_runs
     assert group_runs([str(sparse_runs[0])]) == {"sparse-point-robot": [sparse_runs[0]]}
     with pytest.raises(PlotError, match="config key 'nope'"):
         group_runs([str(sparse_runs[0])], by="nope")
+    with pytest.raises(PlotError, match="is given twice"):
+        group_runs([str(sparse_runs[0]), f"x={sparse_runs[0]}/"])
+    # runs of another family differ in many keys: the family names the groups where it is enough
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(
+        {**config, "family": "point-robot", "discount": 0.99, "reward_scale": 5.0}))
+    assert group_runs([str(sparse_runs[0]), str(sparse_runs[1]), str(other)]) == {
+        "family=sparse-point-robot": sparse_runs[:2], "family=point-robot": [other]}
+    assert set(group_runs([str(sparse_runs[0]), str(sparse_runs[3]), str(other)])) == {
+        f"discount={d}, family={f}, kl_lambda={k}, reward_scale={r}" for d, f, k, r in
+        [(0.9, "sparse-point-robot", 0.05, 20.0), (0.9, "sparse-point-robot", 0.5, 20.0),
+         (0.99, "point-robot", 0.05, 5.0)]}
 
 
 def test_group_curve_is_the_mean_over_seeds_at_shared_evaluations(sparse_runs):
@@ -151,8 +164,12 @@ def test_video_renders_the_adaptation_episodes(cheetah_run, tmp_path, capsys):
     frames = imageio.mimread(gif)
     assert len(frames) == 2 * 4  # 2 trajectories of 15 steps, one frame in 4 steps
     assert frames[0].shape[:2] == (64, 96) and frames[0].std() > 5  # a picture, not a blank
-    assert main(args[:-6] + ["--out", str(tmp_path / "a.mp4"), "--trajectories", "1"]) == 0
+    # wider than the model's 640-pixel offscreen buffer: the buffer grows to fit
+    assert main(args[:-6] + ["--out", str(tmp_path / "a.mp4"), "--trajectories", "1",
+                             "--width", "704", "--height", "496"]) == 0
     assert (tmp_path / "a.mp4").stat().st_size > 1_000
+    assert main(["video", str(tmp_path / "missing")]) == 2
+    assert not (tmp_path / "missing").exists()  # nothing created for a run that is not there
 
 
 def test_video_errors_are_one_clear_line(cheetah_run, tmp_path):

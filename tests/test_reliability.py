@@ -274,6 +274,9 @@ def test_a_flagged_instability_ends_the_episode_and_is_counted(tiny_config, tmp_
     (["train", "point-robot", "--set", "device=cuda:1"], "torch sees no CUDA GPU"),
     (["train", "point-robot", "--set", "family=ant-dir"], "family is chosen by the positional"),
     (["train", "point-robot", "--resume"], "--resume needs --out RUN_DIR"),
+    (["train", "point-robot", "--set", "preset=paper"], "preset is chosen by --preset"),
+    (["train", "point-robot", "--seed", "5", "--set", "seed=3"], "the seed is given twice"),
+    (["train", "point-robot", "--set", "meta_bach=4"], "did you mean meta_batch"),
 ])
 def test_bad_values_and_options_get_one_clear_error(argv, message, capsys, tmp_path):
     if torch.cuda.is_available() and "device=cuda" in argv:
@@ -317,6 +320,106 @@ def test_bad_run_directories_get_one_clear_error(run, tmp_path, capsys):
     (run / "config.json").write_text("{not json")
     assert main(["eval", str(run)]) == 2
     assert "config.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_a_run_directory_in_use_by_another_process_is_refused(run, capsys):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); "
+         "fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+         str(run / ".lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        before = (run / "progress.csv").read_text()
+        argv = ["train", "point-robot", "--resume", "--out", str(run), "--set",
+                "num_iterations=4", "--no-progress"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "is in use by another metapearl process" in err and "Traceback" not in err
+        assert (run / "progress.csv").read_text() == before
+    finally:
+        holder.communicate("")
+    assert main(argv) == 0  # the holder has ended: the lock went with it
+
+
+def test_a_directory_holding_a_runs_files_is_not_written_over(tiny_config, tmp_path):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "progress.csv").write_text("my,own\n1,2\n")
+    with pytest.raises(CheckpointError, match=r"already holds a run \(progress.csv\)"):
+        train(tiny_config(), out, progress=False)
+    assert (out / "progress.csv").read_text() == "my,own\n1,2\n"
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "progress.csv"]
+
+
+def test_runs_started_in_the_same_second_get_directories_of_their_own(tmp_path, monkeypatch,
+                                                                      capsys):
+    import metapearl.cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(metapearl.cli.time, "strftime", lambda fmt: "20261208-000000")
+    sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
+    assert main(["train", "point-robot", "--no-progress", *sets]) == 0
+    assert main(["train", "point-robot", "--no-progress", *sets, "--set", "lr=0.001"]) == 0
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["point-robot_default_s0_20261208-000000",
+                    "point-robot_default_s0_20261208-000000_2"]
+    assert all((tmp_path / "runs" / r / CHECKPOINT_NAME).exists() for r in runs)
+
+
+def test_ctrl_c_names_the_command_that_continues_the_run(tmp_path, monkeypatch, capsys):
+    import metapearl.trainer
+
+    def interrupted(cfg, run_dir, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(metapearl.trainer, "train", interrupted)
+    out = tmp_path / "run"
+    assert main(["train", "point-robot", "--out", str(out), "--no-progress"]) == 130
+    assert (f"it had no checkpoint yet; start it over with: metapearl train point-robot --out "
+            f"{out} --resume") in capsys.readouterr().err
+    (out / CHECKPOINT_NAME).parent.mkdir(parents=True)
+    (out / CHECKPOINT_NAME).write_bytes(b"")
+    assert main(["train", "point-robot", "--out", str(out), "--no-progress"]) == 130
+    assert "its last checkpoint is intact; continue it with" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_checkpointing_leaves_no_partial_file(run, monkeypatch):
+    from metapearl.checkpoint import save_checkpoint
+
+    def interrupted(obj, f, *args, **kwargs):
+        f.write(b"partial bytes")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(run, {"iteration": 99})
+    assert not (run / (CHECKPOINT_NAME + ".tmp")).exists()
+    monkeypatch.undo()
+    assert load_checkpoint(run)["iteration"] == 2
+
+
+def test_a_damaged_progress_csv_gets_one_clear_error(run, capsys):
+    path = run / "progress.csv"
+    good = path.read_bytes()
+    for damage, message in [(b"garbage\n", "line 4: 'Iteration' holds 'garbage', not a number"),
+                            (b"\xff\n", "is not a metapearl log (not UTF-8")]:
+        path.write_bytes(good + damage)
+        assert main(["plot", str(run), "--tasks", "0"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert main(["train", "point-robot", "--resume", "--out", str(run), "--set",
+                     "num_iterations=3", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "progress.csv cannot be read" in err and "Traceback" not in err, err
+        assert path.read_bytes() == good + damage  # left for the user to mend
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
+    proc = subprocess.Popen([sys.executable, "-m", "metapearl", "config", "point-robot"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # as `| head -0`: the reader is gone before the first line
+    assert proc.wait() == 0
+    assert proc.stderr.read() == b""
 
 
 # --- property: any override either runs or gets the one clear error ----------------------------------

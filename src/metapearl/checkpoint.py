@@ -41,6 +41,9 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
         tmp.unlink(missing_ok=True)
         kept = "the previous checkpoint is intact" if path.exists() else "no checkpoint was kept"
         raise CheckpointError(f"could not write {path} ({e.strerror or e}); {kept}") from None
+    except BaseException:  # Ctrl-C mid-write: no partial file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

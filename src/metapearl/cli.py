@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from metapearl.config import (
     parse_overrides,
 )
 from metapearl.guards import NonFiniteError
+from metapearl.logging import LogError
 from metapearl.tasks import MissingExtraError
 
 EXAMPLES = """examples:
@@ -78,14 +80,36 @@ def _cmd_train(args) -> int:
         run_dir = Path(args.out)
     else:
         if args.seed is not None:
+            if "seed" in overrides:
+                raise ConfigError("the seed is given twice (--seed and --set seed=); give one")
             overrides["seed"] = args.seed
         cfg = make_config(args.family, args.preset or "default", overrides)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(args.out or f"runs/{cfg.family}_{cfg.preset}_s{cfg.seed}_{stamp}")
-    summary = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+        run_dir = Path(args.out) if args.out else _new_run_dir(cfg)
+    try:
+        summary = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        kept = ("its last checkpoint is intact; continue it with" if (run_dir / CHECKPOINT_NAME)
+                .exists() else "it had no checkpoint yet; start it over with")
+        print(f"metapearl: interrupted; {kept}: metapearl train {cfg.family} --out {run_dir} "
+              "--resume", file=sys.stderr)
+        return 130
     print(f"learning curve: {run_dir / 'plots' / 'learning_curve.png'}")
     print(summary.line(cfg.family, cfg.seed))
     return 0
+
+
+def _new_run_dir(cfg: PEARLConfig) -> Path:
+    """A fresh directory under runs/, named after the family, preset, seed and time; created here,
+    so runs started in the same second each get their own (a suffix _2, _3, ...)."""
+    base = f"runs/{cfg.family}_{cfg.preset}_s{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
+    for k in range(1, 1000):
+        run_dir = Path(base if k == 1 else f"{base}_{k}")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+    raise ConfigError(f"no free run directory {base}_N; choose one with --out")
 
 
 def _cmd_eval(args) -> int:
@@ -165,14 +189,14 @@ def _cmd_plot(args) -> int:
         paths += learning_curves(groups, out / "success_curves", SUCCESS)
     paths += adaptation_curves(groups, out / "adaptation_curves")
     if args.tasks > 0:
-        for label, group in groups.items():
+        for number, (label, group) in enumerate(groups.items(), start=1):
             run = group[0]  # the pictures of the agent: the first run of each group
             if not (run / CHECKPOINT_NAME).exists():
                 print(f"{run} keeps no checkpoint: its posterior and exploration pictures are "
                       "skipped", file=sys.stderr)
                 continue
-            name = "" if len(groups) == 1 else "_" + "".join(
-                c if c.isalnum() or c in "-." else "_" for c in label)
+            safe = "".join(c if c.isalnum() or c in "-." else "_" for c in label)
+            name = "" if len(groups) == 1 else f"_{safe}" if len(safe) <= 60 else f"_group{number}"
             rollouts = adaptation_rollouts(run, args.tasks)
             paths += posterior(run, out / f"posterior{name}", rollouts)
             if "goal" in rollouts[0]["task"] and rollouts[0]["trajectories"][0][0].shape[-1] == 2:
@@ -187,7 +211,6 @@ def _cmd_video(args) -> int:
 
     run_dir = Path(args.run_dir)
     out = Path(args.out) if args.out else run_dir / "videos" / f"task{args.task}.mp4"
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = render_adaptation(run_dir, args.task, out, args.trajectories, args.width,
                                args.height, args.every, args.seed)
     returns = ", ".join(f"{r:.1f}" for r in result["returns"])
@@ -239,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=SEED, default=None, help="run seed (default 0)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field; repeatable (`metapearl config FAMILY` lists them)")
-    p.add_argument("--out", default=None, help="run directory (default runs/FAMILY_PRESET_sSEED_TIME)")
+    p.add_argument("--out", default=None, help="run directory; it must not hold a run already (default "
+                   "runs/FAMILY_PRESET_sSEED_TIME, with _2, _3, ... for runs started in the same "
+                   "second)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint (its first "
                    "command line plus --resume does it); with --set num_iterations=N a finished "
@@ -332,16 +357,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (ConfigError, CheckpointError, MissingExtraError) as e:
+        code = args.func(args)
+        sys.stdout.flush()  # here, so that a reader gone early is met by the handler below
+        return code
+    except (ConfigError, CheckpointError, MissingExtraError, LogError) as e:
+        print(f"metapearl: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `metapearl config point-robot | head`: the reader has gone
+        # (the Python docs' recipe: the interpreter's final flush then writes nowhere, quietly)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as e:  # the file system's refusals: a full disk, a file where a folder goes
         print(f"metapearl: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
         print(f"metapearl: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("metapearl: interrupted; the last checkpoint is intact (use --resume)",
-              file=sys.stderr)
+        print("metapearl: interrupted", file=sys.stderr)
         return 130
 
 

@@ -7,6 +7,7 @@ task family. Every field carries a one-line help text (``metapearl config FAMILY
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -348,6 +349,7 @@ def _set_field(cfg: PEARLConfig, key: str, value: Any) -> None:
     types = {f.name: str(f.type) for f in dataclasses.fields(PEARLConfig)}
     if key not in types:
         close = [n for n in FIELD_NAMES if key.lower() in n or n in key.lower()]
+        close += [n for n in difflib.get_close_matches(key.lower(), FIELD_NAMES) if n not in close]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(f"unknown config key {key!r}{hint}; `metapearl config FAMILY` lists them")
     setattr(cfg, key, _coerce(key, types[key], value))
@@ -507,6 +509,8 @@ def make_config(
     for key, value in (overrides or {}).items():
         if key == "family":
             raise ConfigError("family is chosen by the positional argument, not by --set")
+        if key == "preset":  # the label would name values the run does not have
+            raise ConfigError("preset is chosen by --preset, not by --set")
         _set_field(cfg, key, value)
     return cfg.validate()
 

@@ -8,8 +8,12 @@ import math
 from pathlib import Path
 
 
+class LogError(ValueError):
+    """A run's CSV log cannot be read (a damaged line, not UTF-8, or not a metapearl log)."""
+
+
 class ProgressLog:
-    """Appends rows to `progress.csv`; on resume, drops rows past the checkpoint's iteration."""
+    """Appends rows to `progress.csv`, under the header it already has (a resumed run's)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -18,10 +22,6 @@ class ProgressLog:
             with self.path.open(newline="") as f:
                 reader = csv.reader(f)
                 self.columns = next(reader, None)
-
-    def truncate(self, keep_iterations: int) -> None:
-        """Keep only rows with Iteration < keep_iterations (rows a checkpoint has not seen go)."""
-        truncate_csv(self.path, "Iteration", keep_iterations)
 
     def write(self, row: dict[str, float | int | str | None]) -> None:
         if self.columns is None:
@@ -67,17 +67,24 @@ def truncate_csv(path: Path, iteration_column: str, keep_iterations: int) -> Non
     path = Path(path)
     if not path.exists():
         return
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames
-        kept = [r for r in reader if int(float(r[iteration_column])) < keep_iterations]
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames
+            kept = [r for r in reader if int(float(r[iteration_column])) < keep_iterations]
+    except (ValueError, KeyError, TypeError) as e:
+        raise LogError(f"{path} cannot be read ({type(e).__name__}: {e}); mend or remove the "
+                       "damaged lines") from None
     tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        if columns:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(kept)
-    tmp.replace(path)
+    try:
+        with tmp.open("w", newline="") as f:
+            if columns:
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(kept)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # (gone already after the rename)
 
 
 def _fmt(v):
@@ -89,8 +96,25 @@ def _fmt(v):
 
 
 def read_progress(path: Path) -> list[dict[str, str]]:
-    with Path(path).open(newline="") as f:
-        return list(csv.DictReader(f))
+    """The rows of a progress.csv, each value a number or empty (else LogError)."""
+    try:
+        with Path(path).open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        for line, row in enumerate(rows, start=2):
+            for name, value in row.items():
+                if name is None or value is None or (value and _not_a_number(value)):
+                    raise LogError(f"{path}, line {line}: {name!r} holds {value!r}, not a number")
+    except UnicodeDecodeError as e:
+        raise LogError(f"{path} is not a metapearl log (not UTF-8: {e.reason})") from None
+    return rows
+
+
+def _not_a_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return True
+    return False
 
 
 def column(rows: list[dict[str, str]], name: str) -> list[float]:

@@ -69,7 +69,13 @@ def group_runs(specs: list[str], by: str | None = None) -> Groups:
             labelled.setdefault(label, []).append(Path(path))
         else:
             plain.append(Path(spec))
-    configs = {run: _config(run) for run in [*plain, *(r for g in labelled.values() for r in g)]}
+    runs = [*plain, *(r for g in labelled.values() for r in g)]
+    seen: set[Path] = set()
+    for run in runs:
+        if run.resolve() in seen:
+            raise PlotError(f"{run} is given twice; a run counts once")
+        seen.add(run.resolve())
+    configs = {run: _config(run) for run in runs}
     if by is not None:
         for run in plain:
             if by not in configs[run]:
@@ -82,10 +88,15 @@ def group_runs(specs: list[str], by: str | None = None) -> Groups:
     distinct = sorted(set(keys.values()))
     varying = sorted({k for key in distinct for k, _ in key
                       if len({dict(d)[k] for d in distinct if k in dict(d)}) > 1})
+    def label(run: Path, names: list[str]) -> str:
+        return ", ".join(f"{k}={configs[run][k]}" for k in names) or configs[run]["family"]
+
+    # runs of several families or presets differ in many keys: their names alone, where enough
+    short = [k for k in ("family", "preset") if k in varying]
+    if short and len({label(run, short) for run in plain}) == len(distinct):
+        varying = short
     for run in plain:
-        cfg = configs[run]
-        label = ", ".join(f"{k}={cfg[k]}" for k in varying) or cfg["family"]
-        labelled.setdefault(label, []).append(run)
+        labelled.setdefault(label(run, varying), []).append(run)
     return labelled
 
 

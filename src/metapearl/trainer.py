@@ -15,6 +15,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+try:
+    import fcntl
+except ImportError:  # Windows: run directories are not locked
+    fcntl = None
+
 from metapearl import cpu
 from metapearl.agent import PEARLAgent
 from metapearl.buffers import Batch, TaskReplayBuffer, sample_context
@@ -66,6 +71,10 @@ class Summary:
             f"after {self.iterations} iterations, {self.env_steps} env steps, "
             f"{minutes}m{seconds:02d}s; run dir {self.run_dir}"
         )
+
+
+# what a run writes into its directory: any of them there means the directory holds a run
+RUN_FILES = ("config.json", "progress.csv", CHECKPOINT_NAME, "eval/adaptation.csv")
 
 
 def task_waves(tasks: list[int]) -> list[list[int]]:
@@ -153,6 +162,7 @@ class Trainer:
 
     # --- run directory --------------------------------------------------------------------------
     def _prepare_run_dir(self, resume: bool) -> None:
+        self._lock_run_dir(resume)
         cfg_path = self.run_dir / "config.json"
         if resume and (self.run_dir / CHECKPOINT_NAME).exists():
             self._restore(load_checkpoint(self.run_dir))
@@ -162,21 +172,42 @@ class Trainer:
         elif resume:  # stopped before its first checkpoint: the run starts over from iteration 0
             if config_changes(load_run_config(self.run_dir).to_dict(), self.cfg):
                 raise CheckpointError(f"{self.run_dir} holds a run with another config")
-        elif cfg_path.exists():
+        elif found := [name for name in RUN_FILES if (self.run_dir / name).exists()]:
             raise CheckpointError(
-                f"{self.run_dir} already holds a run; pass --resume to continue it or choose "
-                "another --out"
+                f"{self.run_dir} already holds a run ({', '.join(found)}); pass --resume to "
+                "continue it or choose another --out"
             )
         try:
             (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)
             cfg_path.write_text(self.cfg.to_json() + "\n")  # a resume may extend the run
         except OSError as e:
             raise CheckpointError(f"cannot write the run directory {self.run_dir}: {e}") from None
+        # rows past the checkpoint go (a resume recomputes them), before the log reads its header
+        truncate_csv(self.run_dir / "progress.csv", "Iteration", self.iteration)
         self.log = ProgressLog(self.run_dir / "progress.csv")
-        self.log.truncate(self.iteration)
         self.tb_log = (TensorBoardLog(self.run_dir, resume, self.env_steps) if self.cfg.tensorboard
                        else None)
         truncate_csv(self.run_dir / "eval" / "adaptation.csv", "iteration", self.iteration)
+
+    def _lock_run_dir(self, resume: bool) -> None:
+        """Hold a lock on the run directory while this process owns it: a second process that
+        trains into it (a --resume while the run goes on) is refused instead of interleaving
+        its rows and checkpoints with this one's. The operating system drops the lock when the
+        process ends, however it ends. (A POSIX record lock: per process, so a second Trainer in
+        this process may take it too; none on Windows.)"""
+        try:
+            if not resume:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock_file = (self.run_dir / ".lock").open("a")
+        except OSError as e:
+            raise CheckpointError(f"cannot write the run directory {self.run_dir}: {e}") from None
+        if fcntl is None:
+            return
+        try:
+            fcntl.lockf(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise CheckpointError(f"{self.run_dir} is in use by another metapearl process "
+                                  "(a training still running); wait for it to end") from None
 
     def state_dict(self) -> dict:
         return {

@@ -34,6 +34,9 @@ class RendererError(MissingExtraError):
 def _renderer(model, width: int, height: int):
     import mujoco
 
+    # the model's offscreen framebuffer (640 x 480 in Gymnasium's XML) bounds the frame: grow it
+    model.vis.global_.offwidth = max(model.vis.global_.offwidth, width)
+    model.vis.global_.offheight = max(model.vis.global_.offheight, height)
     try:
         renderer = mujoco.Renderer(model, height, width)
     except Exception as e:  # any GL failure: missing library, no device, bad MUJOCO_GL value
@@ -124,6 +127,7 @@ def render_adaptation(run_dir: Path, task: int, out: Path, trajectories: int | N
         family.set_task(env, tasks[task])
         renderer, camera = _renderer(env.unwrapped.model, width, height)
         cleanup.callback(renderer.close)
+        out.parent.mkdir(parents=True, exist_ok=True)
         writer = _writer(out, fps=max(int(round(1.0 / env.unwrapped.dt / every)), 1))
         cleanup.callback(writer.close)
 
