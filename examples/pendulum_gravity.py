@@ -1,4 +1,9 @@
-"""A user-defined task family: Pendulum swing-up where gravity changes from task to task."""
+"""A user-defined task family: Pendulum swing-up where gravity changes from task to task.
+
+`python examples/pendulum_gravity.py` trains it for 30 iterations; the command line sees it
+through --import, e.g. `metapearl train pendulum-gravity --import examples/pendulum_gravity.py`
+and `metapearl eval runs/pendulum-gravity --import examples/pendulum_gravity.py`.
+"""
 
 import gymnasium as gym
 
@@ -20,7 +25,8 @@ class PendulumGravity(TaskFamily):
         env.g = task["g"]
 
 
+register_family(PendulumGravity())  # on import, so that --import makes it known
+
 if __name__ == "__main__":
-    register_family(PendulumGravity())
     cfg = make_config("pendulum-gravity", overrides={"num_iterations": 30})
     print(train(cfg, "runs/pendulum-gravity").line(cfg.family, cfg.seed))

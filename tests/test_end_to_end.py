@@ -5,15 +5,18 @@ import json
 import sys
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 
 from metapearl import PEARLAgent, Trainer, register_family, train
-from metapearl.checkpoint import CheckpointError, load_agent, load_run_config
+from metapearl.checkpoint import CheckpointError, load_agent, load_checkpoint, load_run_config
 from metapearl.cli import main
 from metapearl.config import ConfigError
 from metapearl.logging import read_progress
+from metapearl.tasks.point import PointRobot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -250,3 +253,110 @@ def test_kl_lambda_schedule_changes_training_from_its_iteration_on(tiny_config, 
     # iteration 2's steps weigh the KL 500x more: the KL's gradient swamps the encoder's
     grad = [float(r[2]["Grad/encoder"]) for r in (a, b)]
     assert grad[1] > 10 * grad[0]
+
+
+def test_the_readmes_library_use_code_runs(tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("## Library use\n\n```python\n") + len("## Library use\n\n```python\n")
+    code = readme[start:readme.index("```", start)]
+    assert "agent.infer_posterior()" in code
+    code = code.replace('{"seed": 1}', f"{{'seed': 1, **{TINY!r}}}")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    agent = scope["agent"]
+    assert scope["summary"].iterations == TINY["num_iterations"]
+    assert agent.context.shape == (1, 3 * TINY["max_path_length"], agent.context_dim)
+    assert not torch.equal(agent.belief_var, torch.ones_like(agent.belief_var))  # inferred
+
+
+class _Reach(PointRobot):
+    """point-robot as a user might write it, with the mistakes the tests below make."""
+
+    name = "reach-test"
+    max_path_length = 10
+
+    def __init__(self, task_value=lambda goal: goal, count=lambda n: n, action_space=None,
+                 reward=lambda r: r):
+        self.task_value, self.count, self.space, self.reward_of = (task_value, count,
+                                                                    action_space, reward)
+
+    def make_env(self):
+        env = super().make_env()
+        if self.space is not None:
+            env.action_space = self.space
+        step, reward_of = env.step, self.reward_of
+
+        def stepped(action):
+            obs, r, term, trunc, info = step(action)
+            return obs, reward_of(r), term, trunc, info
+
+        env.step = stepped
+        return env
+
+    def sample_tasks(self, num_train, num_test, rng):
+        tasks = [{"goal": self.task_value(rng.uniform(-1.0, 1.0, 2))}
+                 for _ in range(self.count(num_train + num_test))]
+        return tasks[:self.count(num_train)], tasks[self.count(num_train):]
+
+
+def test_a_family_whose_tasks_hold_numpy_values_trains_and_loads(tiny_config, tmp_path):
+    register_family(_Reach())  # goals as numpy arrays, as rng.uniform gives them
+    cfg = tiny_config("point-robot")
+    cfg.family = "reach-test"
+    train(cfg, tmp_path / "run", progress=False)
+    agent = PEARLAgent.load(tmp_path / "run")  # the checkpoint holds plain lists, not arrays
+    assert agent.obs_dim == 2
+    tasks = load_checkpoint(tmp_path / "run")["test_tasks"]
+    assert all(type(t["goal"]) is list and type(t["goal"][0]) is float for t in tasks)
+
+
+@pytest.mark.parametrize("family, message", [
+    (_Reach(count=lambda n: n - 1), "sample_tasks gave 5 training tasks, 6 were asked for"),
+    (_Reach(task_value=lambda goal: object()), "training task 0['goal'] is a object"),
+    (_Reach(action_space=gym.spaces.Box(-1.0, np.array([1.0, np.inf]), dtype=np.float32)),
+     "PEARL needs a bounded action space"),
+    (_Reach(action_space=gym.spaces.Discrete(3)), "PEARL needs a 1-D Box action space"),
+    (_Reach(reward=lambda r: np.array([r, r])), "a reward is a number"),
+])
+def test_mistakes_in_a_family_of_ones_own_get_one_clear_error(family, message, tmp_path, capsys):
+    register_family(family)
+    sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
+    assert main(["train", "reach-test", "--out", str(tmp_path / "run"), "--no-progress",
+                 *sets]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
+def test_the_deployment_api_refuses_transitions_of_the_wrong_size(tiny_config, tmp_path):
+    train(tiny_config(), tmp_path / "run", progress=False)
+    agent = PEARLAgent.load(tmp_path / "run")
+    agent.reset()
+    with pytest.raises(ValueError, match=r"of \(3, 2, 3\) values; this agent's have \(2, 2, 2\)"):
+        agent.observe(np.zeros(3), np.zeros(2), 0.0, np.zeros(3))
+    with pytest.raises(ValueError, match="an observation of 3 values; this agent's have 2"):
+        agent.act(np.zeros(3))
+    agent.observe(np.zeros(2), np.zeros(2), 0.0, np.zeros(2))
+    agent.infer_posterior()
+
+
+def test_import_makes_a_family_of_ones_own_known_to_the_command_line(tmp_path):
+    import subprocess
+
+    (tmp_path / "mytasks.py").write_text(
+        "from metapearl import register_family\n"
+        "from metapearl.tasks.point import PointRobot\n"
+        "class Mine(PointRobot):\n    name = 'mine'\n"
+        "register_family(Mine())\n")
+
+    def tasks(*extra):
+        return subprocess.run([sys.executable, "-m", "metapearl", "tasks", *extra], cwd=tmp_path,
+                              capture_output=True, text=True)
+
+    assert "mine" not in tasks().stdout
+    assert "\nmine " in tasks("--import", "mytasks").stdout
+    example = tasks("--import", str(ROOT / "examples" / "pendulum_gravity.py"))
+    assert "pendulum-gravity" in example.stdout, example.stderr
+    missing = tasks("--import", "nosuchmodule")
+    assert missing.returncode == 2
+    assert "--import nosuchmodule: no module 'nosuchmodule'" in missing.stderr

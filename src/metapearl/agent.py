@@ -2,19 +2,24 @@
 
 Typical use on a new task (SPEC section 5, Algorithm 2; `evaluation.adapt_to_task` is this)::
 
+    cfg = load_run_config("runs/point-robot-s0")    # the run's config.json
     agent = PEARLAgent.load("runs/point-robot-s0")
     agent.reset()                                   # belief = prior, context emptied
     for k in range(3):
         agent.sample_z()                            # z ~ current belief, once per trajectory
         obs, _ = env.reset()
-        for t in range(20):
+        for t in range(cfg.max_path_length):
             action = agent.act(obs)                 # deterministic: tanh of the mean
             next_obs, reward, term, trunc, info = env.step(action)
             # the encoder's reward: the sparse one where the env gives it
             agent.observe(obs, action, info.get("sparse_reward", reward), next_obs)
             obs = next_obs
+            if term or trunc:
+                break
         if k + 1 >= cfg.num_exp_traj_eval:          # the run's config: 1, 2 or 5 trajectories
             agent.infer_posterior()                 # belief = q(z | what was observed)
+
+(README.md, "Library use", runs this on a point-robot task; a test runs the README's code.)
 """
 
 from __future__ import annotations
@@ -173,6 +178,11 @@ class PEARLAgent(nn.Module):
 
     def observe(self, obs, action, reward: float, next_obs) -> None:
         """Add one transition (environment units) to this task's context."""
+        sizes = (np.size(obs), np.size(action), np.size(next_obs))
+        if sizes != (self.obs_dim, self.action_dim, self.obs_dim):  # (else a later
+            # infer_posterior fails, far from the cause)
+            raise ValueError(f"observe: obs, action and next_obs of {sizes} values; this agent's "
+                             f"have {(self.obs_dim, self.action_dim, self.obs_dim)}")
         dev = self.action_low.device
         row = self.make_context(
             torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=dev).reshape(1, -1),
@@ -204,8 +214,11 @@ class PEARLAgent(nn.Module):
 
     def act(self, obs, deterministic: bool = True) -> np.ndarray:
         """The action for `obs` under the current z, in environment units."""
-        a = self.act_batch(np.asarray(obs, dtype=np.float32)[None], self.z, deterministic,
-                           self.generator)
+        obs = np.asarray(obs, dtype=np.float32).reshape(1, -1)
+        if obs.shape[1] != self.obs_dim:
+            raise ValueError(f"act: an observation of {obs.shape[1]} values; this agent's have "
+                             f"{self.obs_dim}")
+        a = self.act_batch(obs, self.z, deterministic, self.generator)
         return self.to_env_action(a[0])
 
     @classmethod

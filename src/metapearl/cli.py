@@ -32,6 +32,7 @@ EXAMPLES = """examples:
   metapearl plot runs/pr-s0 runs/pr-s1 runs/pr-s2 --out plots/pr   # curves over seeds
   metapearl video runs/cheetah --task 3             # mp4 of the agent adapting to test task 3
   metapearl config point-robot --preset paper       # every field, its value and meaning
+  metapearl train pendulum-gravity --import examples/pendulum_gravity.py   # a family of your own
 """
 
 
@@ -351,12 +352,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, as for train; repeatable")
     p.set_defaults(func=_cmd_config)
+    for command in sub.choices.values():
+        command.add_argument(
+            "--import", dest="imports", action="append", default=[], metavar="MODULE",
+            help="import a module (a dotted name, found from the current directory too) or a .py "
+            "file first, e.g. one that registers a task family of your own with "
+            "register_family; repeatable")
     return parser
+
+
+def _import(spec: str) -> None:
+    """Run --import's module or file, so that what it registers is there for the command."""
+    import importlib
+    import importlib.util
+
+    if spec.endswith(".py"):
+        path = Path(spec)
+        if not path.is_file():
+            raise ConfigError(f"--import {spec}: no such file")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[path.stem] = module
+        module_spec.loader.exec_module(module)
+        return
+    if "" not in sys.path and os.getcwd() not in sys.path:  # (the console script's sys.path)
+        sys.path.insert(0, os.getcwd())
+    try:
+        importlib.import_module(spec)
+    except ModuleNotFoundError as e:
+        if e.name and spec.startswith(e.name):  # the module itself, not one it imports
+            raise ConfigError(f"--import {spec}: no module {e.name!r} (from {os.getcwd()})"
+                              ) from None
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        for spec in args.imports:
+            _import(spec)
         code = args.func(args)
         sys.stdout.flush()  # here, so that a reader gone early is met by the handler below
         return code

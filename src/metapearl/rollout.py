@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from metapearl.agent import PEARLAgent, to_env_action
+from metapearl.config import ConfigError
 from metapearl.encoder import sample_z
 from metapearl.guards import NonFiniteError
 
@@ -133,8 +134,14 @@ def collect(
             context_reward = info.get("sparse_reward", reward)
             unstable = bool(info.get("unstable", False))
             if not unstable:
-                if not (np.isfinite(next_obs).all() and math.isfinite(reward)
-                        and math.isfinite(context_reward)):
+                try:
+                    finite = (np.isfinite(next_obs).all() and math.isfinite(reward)
+                              and math.isfinite(context_reward))
+                except TypeError:
+                    raise ConfigError(f"{type(envs[i].unwrapped).__name__} returned the reward "
+                                      f"{reward!r} (sparse reward {context_reward!r}); a reward is "
+                                      "a number") from None
+                if not finite:
                     raise NonFiniteError(
                         f"non-finite observation or reward from {type(envs[i].unwrapped).__name__}"
                         f" at step {k} of a trajectory (an env whose simulator can diverge should "

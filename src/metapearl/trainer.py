@@ -47,6 +47,7 @@ from metapearl.logging import (
 from metapearl.rollout import Belief, Trajectory, collect
 from metapearl.sac import STAT_NAMES, Critics, PEARLUpdate
 from metapearl.tasks import get_family
+from metapearl.tasks.base import plain_tasks
 
 
 @dataclass
@@ -96,7 +97,10 @@ def task_waves(tasks: list[int]) -> list[list[int]]:
 
 def _box(space: gym.Space, what: str) -> gym.spaces.Box:
     if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
-        raise ValueError(f"PEARL needs a 1-D Box {what} space, got {space}")
+        raise ConfigError(f"PEARL needs a 1-D Box {what} space, got {space}")
+    if what == "action" and not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
+        raise ConfigError(f"PEARL needs a bounded action space (its [-1, 1] actions are rescaled "
+                          f"to it), got {space}")
     return space
 
 
@@ -121,15 +125,19 @@ class Trainer:
         self.rng = np.random.default_rng(cfg.seed)
         self.gen = torch.Generator(self.device).manual_seed(cfg.seed)
         self.family = get_family(cfg.family)
-        self.train_tasks, self.test_tasks = self.family.sample_tasks(
+        train_tasks, test_tasks = self.family.sample_tasks(
             cfg.num_train_tasks, cfg.num_test_tasks, self.rng
         )
+        self.train_tasks = plain_tasks(self.family, train_tasks, cfg.num_train_tasks, "training")
+        self.test_tasks = plain_tasks(self.family, test_tasks, cfg.num_test_tasks, "test")
         n_envs = min(cfg.max_parallel_envs,
                      max(cfg.num_train_tasks, cfg.num_test_tasks * cfg.num_evals))
         self.envs = [self.family.make_env() for _ in range(n_envs)]
-        for env in self.envs:
-            env.reset(seed=int(self.rng.integers(2**31)))
+        first_obs = [env.reset(seed=int(self.rng.integers(2**31)))[0] for env in self.envs][0]
         obs_space = _box(self.envs[0].observation_space, "observation")
+        if np.size(first_obs) != obs_space.shape[0]:
+            raise ConfigError(f"{cfg.family}: reset returned an observation of shape "
+                              f"{np.shape(first_obs)}, its space says {obs_space.shape}")
         act_space = _box(self.envs[0].action_space, "action")
         obs_dim, act_dim = obs_space.shape[0], act_space.shape[0]
         self.agent_meta = {"obs_dim": obs_dim, "action_dim": act_dim,

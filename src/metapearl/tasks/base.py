@@ -58,6 +58,36 @@ class TaskFamily(ABC):
         return tasks[:num_train], tasks[num_train:]
 
 
+def plain_tasks(family: TaskFamily, tasks: list, expected: int, which: str) -> list[Task]:
+    """A family's task set as plain data, the form a checkpoint stores and a resumed or loaded run
+    gets back: numpy scalars and arrays become numbers and lists (so training and every later use
+    see the same values). ConfigError for a set of the wrong size or a value of another kind."""
+    from metapearl.config import ConfigError
+
+    def plain(value: Any, where: str) -> Any:
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, (list, tuple)):
+            return type(value)(plain(v, f"{where}[{i}]") for i, v in enumerate(value))
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return {k: plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+        raise ConfigError(f"{family.name}: {where} is a {type(value).__name__}; tasks hold plain "
+                          "data (numbers, strings, lists and dicts of them)")
+
+    if len(tasks) != expected:
+        raise ConfigError(f"{family.name}: sample_tasks gave {len(tasks)} {which} tasks, "
+                          f"{expected} were asked for")
+    out = [plain(task, f"{which} task {i}") for i, task in enumerate(tasks)]
+    if not all(isinstance(task, dict) for task in out):
+        raise ConfigError(f"{family.name}: a task is a dict of named values, got "
+                          f"{type(tasks[0]).__name__}")
+    return out
+
+
 _REGISTRY: dict[str, Callable[[], TaskFamily]] = {}
 
 
