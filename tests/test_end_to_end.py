@@ -314,7 +314,7 @@ def test_a_family_whose_tasks_hold_numpy_values_trains_and_loads(tiny_config, tm
 @pytest.mark.parametrize("family, message", [
     (_Reach(count=lambda n: n - 1), "sample_tasks gave 5 training tasks, 6 were asked for"),
     (_Reach(task_value=lambda goal: object()), "training task 0['goal'] is a object"),
-    (_Reach(action_space=gym.spaces.Box(-1.0, np.array([1.0, np.inf]), dtype=np.float32)),
+    (_Reach(action_space=gym.spaces.Box(-1.0, np.array([1.0, np.inf], np.float32))),
      "PEARL needs a bounded action space"),
     (_Reach(action_space=gym.spaces.Discrete(3)), "PEARL needs a 1-D Box action space"),
     (_Reach(reward=lambda r: np.array([r, r])), "a reward is a number"),
