@@ -260,6 +260,7 @@ def test_the_readmes_library_use_code_runs(tmp_path, monkeypatch):
     start = readme.index("## Library use\n\n```python\n") + len("## Library use\n\n```python\n")
     code = readme[start:readme.index("```", start)]
     assert "agent.infer_posterior()" in code
+    assert code.count('{"seed": 1}') == 1  # (else this would run the whole default preset)
     code = code.replace('{"seed": 1}', f"{{'seed': 1, **{TINY!r}}}")
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
@@ -349,9 +350,9 @@ def test_import_makes_a_family_of_ones_own_known_to_the_command_line(tmp_path):
         "class Mine(PointRobot):\n    name = 'mine'\n"
         "register_family(Mine())\n")
 
-    def tasks(*extra):
-        return subprocess.run([sys.executable, "-m", "metapearl", "tasks", *extra], cwd=tmp_path,
-                              capture_output=True, text=True)
+    def tasks(*extra):  # the installed command, whose sys.path lacks the current directory
+        return subprocess.run([Path(sys.executable).parent / "metapearl", "tasks", *extra],
+                              cwd=tmp_path, capture_output=True, text=True)
 
     assert "mine" not in tasks().stdout
     assert "\nmine " in tasks("--import", "mytasks").stdout

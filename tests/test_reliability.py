@@ -325,7 +325,7 @@ def test_bad_run_directories_get_one_clear_error(run, tmp_path, capsys):
 def test_a_run_directory_in_use_by_another_process_is_refused(run, capsys):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); "
-         "fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
          str(run / ".lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
@@ -334,11 +334,30 @@ def test_a_run_directory_in_use_by_another_process_is_refused(run, capsys):
                 "num_iterations=4", "--no-progress"]
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert "is in use by another metapearl process" in err and "Traceback" not in err
+        assert "is in use by another metapearl trainer" in err and "Traceback" not in err
         assert (run / "progress.csv").read_text() == before
     finally:
         holder.communicate("")
     assert main(argv) == 0  # the holder has ended: the lock went with it
+
+
+def _locked_elsewhere(run_dir) -> bool:
+    probe = subprocess.run(
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a')\n"
+         "try:\n    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+         "except BlockingIOError:\n    sys.exit(3)", str(run_dir / ".lock")])
+    return probe.returncode == 3
+
+
+def test_the_lock_holds_against_a_second_trainer_in_the_same_process(tiny_config, tmp_path):
+    cfg = tiny_config(num_iterations=3)
+    first = Trainer(cfg, tmp_path / "run", progress=False)
+    with pytest.raises(CheckpointError, match="in use by another metapearl trainer"):
+        Trainer(cfg, tmp_path / "run", resume=True, progress=False)
+    assert _locked_elsewhere(tmp_path / "run")  # the refused one left the first's lock alone
+    first.train()
+    assert not _locked_elsewhere(tmp_path / "run")  # released when training ends
+    assert train(cfg, tmp_path / "run", resume=True, progress=False).iterations == 3
 
 
 def test_a_directory_holding_a_runs_files_is_not_written_over(tiny_config, tmp_path):
@@ -364,6 +383,9 @@ def test_runs_started_in_the_same_second_get_directories_of_their_own(tmp_path, 
     assert runs == ["point-robot_default_s0_20261208-000000",
                     "point-robot_default_s0_20261208-000000_2"]
     assert all((tmp_path / "runs" / r / CHECKPOINT_NAME).exists() for r in runs)
+    # a run that fails to start leaves no directory behind
+    assert main(["train", "point-robot", "--no-progress", *sets, "--set", "device=cuda:7"]) == 2
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == runs
 
 
 def test_ctrl_c_names_the_command_that_continues_the_run(tmp_path, monkeypatch, capsys):
@@ -375,8 +397,13 @@ def test_ctrl_c_names_the_command_that_continues_the_run(tmp_path, monkeypatch, 
     monkeypatch.setattr(metapearl.trainer, "train", interrupted)
     out = tmp_path / "run"
     assert main(["train", "point-robot", "--out", str(out), "--no-progress"]) == 130
+    assert "interrupted before the run began; nothing to resume" in capsys.readouterr().err
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    assert main(["train", "point-robot", "--out", str(out), "--no-progress", "--import",
+                 "json"]) == 130
     assert (f"it had no checkpoint yet; start it over with: metapearl train point-robot --out "
-            f"{out} --resume") in capsys.readouterr().err
+            f"{out} --resume --import json") in capsys.readouterr().err
     (out / CHECKPOINT_NAME).parent.mkdir(parents=True)
     (out / CHECKPOINT_NAME).write_bytes(b"")
     assert main(["train", "point-robot", "--out", str(out), "--no-progress"]) == 130
@@ -414,12 +441,20 @@ def test_a_damaged_progress_csv_gets_one_clear_error(run, capsys):
         assert path.read_bytes() == good + damage  # left for the user to mend
 
 
-def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(monkeypatch):
     proc = subprocess.Popen([sys.executable, "-m", "metapearl", "config", "point-robot"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # as `| head -0`: the reader is gone before the first line
-    assert proc.wait() == 0
+    assert proc.wait() == 1
     assert proc.stderr.read() == b""
+    import metapearl.cli
+
+    def broken_elsewhere(args):  # e.g. a user's env talking to a simulator over a socket
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(metapearl.cli, "_cmd_tasks", broken_elsewhere)
+    with pytest.raises(BrokenPipeError):  # not swallowed: its traceback shows
+        main(["tasks"])
 
 
 # --- property: any override either runs or gets the one clear error ----------------------------------

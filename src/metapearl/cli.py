@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -88,11 +90,20 @@ def _cmd_train(args) -> int:
         run_dir = Path(args.out) if args.out else _new_run_dir(cfg)
     try:
         summary = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
-    except KeyboardInterrupt:
+    except BaseException as e:
+        if not args.out and {p.name for p in run_dir.iterdir()} <= {".lock"}:
+            shutil.rmtree(run_dir)  # the directory made above, for a run that never started
+        if not isinstance(e, KeyboardInterrupt):
+            raise
+        if not (run_dir / "config.json").exists():
+            print("metapearl: interrupted before the run began; nothing to resume",
+                  file=sys.stderr)
+            return 130
+        imports = "".join(f" --import {spec}" for spec in args.imports)
         kept = ("its last checkpoint is intact; continue it with" if (run_dir / CHECKPOINT_NAME)
                 .exists() else "it had no checkpoint yet; start it over with")
         print(f"metapearl: interrupted; {kept}: metapearl train {cfg.family} --out {run_dir} "
-              "--resume", file=sys.stderr)
+              f"--resume{imports}", file=sys.stderr)
         return 130
     print(f"learning curve: {run_dir / 'plots' / 'learning_curve.png'}")
     print(summary.line(cfg.family, cfg.seed))
@@ -247,7 +258,9 @@ SEED = _int_in(0, SEED_LIMIT)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="metapearl", description="PEARL meta-reinforcement learning (Rakelly et al. 2019).",
+        prog="metapearl", description="PEARL meta-reinforcement learning (Rakelly et al. 2019). "
+        "Every command takes --import MODULE|FILE.py (after the command's name) for task "
+        "families of your own.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -257,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "eval/adaptation.csv, checkpoints/latest.pt (every iteration) and "
                        "plots/*.png and .svg to the run directory, then prints where the learning curve is "
                        "and a one-line summary.")
-    p.add_argument("family", help="task family (see `metapearl tasks`)")
+    p.add_argument("family", help="task family (see `metapearl tasks`; one of your own "
+                   "through --import)")
     p.add_argument("--preset", default=None,
                    help="default (CPU-sized, ours; the default) or paper (SPEC section 7 exactly)")
     p.add_argument("--seed", type=SEED, default=None, help="run seed (default 0)")
@@ -347,14 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print a family's config with the meaning of every field",
                        description="Print every config field, its value and its meaning.")
-    p.add_argument("family", help="task family (see `metapearl tasks`)")
+    p.add_argument("family", help="task family (see `metapearl tasks`; one of your own "
+                   "through --import)")
     p.add_argument("--preset", default="default", help="default (the default) or paper")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, as for train; repeatable")
     p.set_defaults(func=_cmd_config)
     for command in sub.choices.values():
         command.add_argument(
-            "--import", dest="imports", action="append", default=[], metavar="MODULE",
+            "--import", dest="imports", action="append", default=[], metavar="MODULE|FILE.py",
             help="import a module (a dotted name, found from the current directory too) or a .py "
             "file first, e.g. one that registers a task family of your own with "
             "register_family; repeatable")
@@ -367,9 +382,13 @@ def _import(spec: str) -> None:
     import importlib.util
 
     if spec.endswith(".py"):
-        path = Path(spec)
+        path = Path(spec).resolve()
         if not path.is_file():
             raise ConfigError(f"--import {spec}: no such file")
+        if path.stem in sys.modules:  # (registering it under that name would shadow the other)
+            raise ConfigError(f"--import {spec}: a module named {path.stem!r} is imported "
+                              "already; rename the file")
+        sys.path.insert(0, str(path.parent))  # so that it imports the modules beside it
         module_spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[path.stem] = module
@@ -386,6 +405,25 @@ def _import(spec: str) -> None:
         raise
 
 
+# the file system's refusals, each a one-line error: a full disk, no permission, a file where a
+# folder goes (other OSErrors keep their traceback: they may be bugs)
+FILE_SYSTEM_REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
+                        errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOENT,
+                        errno.ENAMETOOLONG}
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reading end has closed."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no real stdout
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -397,11 +435,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, MissingExtraError, LogError) as e:
         print(f"metapearl: error: {e}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # e.g. `metapearl config point-robot | head`: the reader has gone
-        # (the Python docs' recipe: the interpreter's final flush then writes nowhere, quietly)
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise
+        # `metapearl config point-robot | head`: the reader has gone. The Python docs' recipe:
+        # the interpreter's final flush then writes nowhere, quietly, and the exit status is 1
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except OSError as e:  # the file system's refusals: a full disk, a file where a folder goes
+        return 1
+    except OSError as e:
+        if e.errno not in FILE_SYSTEM_REFUSALS:
+            raise
         print(f"metapearl: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:

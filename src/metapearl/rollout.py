@@ -85,6 +85,17 @@ class _Recorder:
         return traj
 
 
+def _not_numbers(env: gym.Env, obs, reward, context_reward) -> str:
+    """What of an env's step is not numbers, for the error that says so."""
+    name = type(env.unwrapped).__name__
+    try:
+        np.isfinite(obs)
+    except TypeError:
+        return f"{name} returned the observation {obs!r}; an observation is an array of numbers"
+    return (f"{name} returned the reward {reward!r} (sparse reward {context_reward!r}); a reward "
+            "is a number")
+
+
 def collect(
     agent: PEARLAgent,
     envs: Sequence[gym.Env],
@@ -138,9 +149,8 @@ def collect(
                     finite = (np.isfinite(next_obs).all() and math.isfinite(reward)
                               and math.isfinite(context_reward))
                 except TypeError:
-                    raise ConfigError(f"{type(envs[i].unwrapped).__name__} returned the reward "
-                                      f"{reward!r} (sparse reward {context_reward!r}); a reward is "
-                                      "a number") from None
+                    raise ConfigError(_not_numbers(envs[i], next_obs, reward, context_reward)
+                                      ) from None
                 if not finite:
                     raise NonFiniteError(
                         f"non-finite observation or reward from {type(envs[i].unwrapped).__name__}"

@@ -6,6 +6,7 @@ import copy
 import csv
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,7 +171,15 @@ class Trainer:
 
     # --- run directory --------------------------------------------------------------------------
     def _prepare_run_dir(self, resume: bool) -> None:
+        self._lock_file = None
         self._lock_run_dir(resume)
+        try:
+            self._check_and_open_run_dir(resume)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _check_and_open_run_dir(self, resume: bool) -> None:
         cfg_path = self.run_dir / "config.json"
         if resume and (self.run_dir / CHECKPOINT_NAME).exists():
             self._restore(load_checkpoint(self.run_dir))
@@ -198,11 +207,11 @@ class Trainer:
         truncate_csv(self.run_dir / "eval" / "adaptation.csv", "iteration", self.iteration)
 
     def _lock_run_dir(self, resume: bool) -> None:
-        """Hold a lock on the run directory while this process owns it: a second process that
-        trains into it (a --resume while the run goes on) is refused instead of interleaving
-        its rows and checkpoints with this one's. The operating system drops the lock when the
-        process ends, however it ends. (A POSIX record lock: per process, so a second Trainer in
-        this process may take it too; none on Windows.)"""
+        """Lock the run directory from here to the end of `train`: another Trainer, in this
+        process or another (a --resume while the run goes on), is refused instead of
+        interleaving its rows and checkpoints with this one's. The lock (flock on RUN_DIR/.lock)
+        goes when `train` ends or the process does, however it ends. Where the file system cannot
+        lock (some network mounts), or on Windows, the run goes on unlocked, with a warning."""
         try:
             if not resume:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -212,10 +221,19 @@ class Trainer:
         if fcntl is None:
             return
         try:
-            fcntl.lockf(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise CheckpointError(f"{self.run_dir} is in use by another metapearl process "
-                                  "(a training still running); wait for it to end") from None
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._unlock()
+            raise CheckpointError(f"{self.run_dir} is in use by another metapearl trainer (a "
+                                  "training still running); wait for it to end") from None
+        except OSError as e:
+            warnings.warn(f"{self.run_dir} cannot be locked ({e.strerror or e}); nothing stops "
+                          "a second training into it", stacklevel=2)
+
+    def _unlock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     def state_dict(self) -> dict:
         return {
@@ -443,6 +461,14 @@ class Trainer:
         A NaN or infinite loss, gradient or observation stops the run with NonFiniteError; the
         checkpoint of the last good iteration stays as it was.
         """
+        if self._lock_file is None:  # a second call: lock again for its iterations
+            self._lock_run_dir(resume=True)
+        try:
+            return self._train(on_iteration)
+        finally:
+            self._unlock()
+
+    def _train(self, on_iteration: Callable[[dict], None] | None) -> Summary:
         cfg = self.cfg
         last_return = float("nan")
         bar = tqdm(range(self.iteration, cfg.num_iterations), initial=self.iteration,

@@ -72,7 +72,8 @@ def plain_tasks(family: TaskFamily, tasks: list, expected: int, which: str) -> l
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
         if isinstance(value, (list, tuple)):
-            return type(value)(plain(v, f"{where}[{i}]") for i, v in enumerate(value))
+            items = [plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+            return tuple(items) if isinstance(value, tuple) else items
         if isinstance(value, dict) and all(isinstance(k, str) for k in value):
             return {k: plain(v, f"{where}[{k!r}]") for k, v in value.items()}
         raise ConfigError(f"{family.name}: {where} is a {type(value).__name__}; tasks hold plain "
@@ -81,11 +82,11 @@ def plain_tasks(family: TaskFamily, tasks: list, expected: int, which: str) -> l
     if len(tasks) != expected:
         raise ConfigError(f"{family.name}: sample_tasks gave {len(tasks)} {which} tasks, "
                           f"{expected} were asked for")
-    out = [plain(task, f"{which} task {i}") for i, task in enumerate(tasks)]
-    if not all(isinstance(task, dict) for task in out):
-        raise ConfigError(f"{family.name}: a task is a dict of named values, got "
-                          f"{type(tasks[0]).__name__}")
-    return out
+    for i, task in enumerate(tasks):
+        if not isinstance(task, dict):
+            raise ConfigError(f"{family.name}: {which} task {i} is a {type(task).__name__}; a "
+                              "task is a dict of named values")
+    return [plain(task, f"{which} task {i}") for i, task in enumerate(tasks)]
 
 
 _REGISTRY: dict[str, Callable[[], TaskFamily]] = {}
