@@ -158,10 +158,7 @@ class PEARLConfig:
         from metapearl.tasks import family_names
 
         if self.family not in family_names():
-            raise ConfigError(
-                f"unknown task family {self.family!r}; known: {', '.join(family_names())}"
-                f"{UNREGISTERED_HINT}"
-            )
+            raise unknown_family(self.family)
         positive = [
             "num_train_tasks", "num_test_tasks", "max_path_length", "latent_size", "net_size",
             "encoder_size", "meta_batch", "batch_size", "embedding_batch_size", "num_iterations",
@@ -302,8 +299,17 @@ RESUME_FIELDS = ("num_iterations", "torch_threads", "cpu_gemm", "cuda_graphs")
 # what `metapearl eval` may change in a trained run's config (the meta-test protocol)
 EVAL_FIELDS = ("num_evals", "num_steps_per_eval", "num_exp_traj_eval", "sample_online_context")
 ENCODERS = ("pog", "rnn-tran", "rnn-traj")
-UNREGISTERED_HINT = (" (a family of your own is registered with register_family first: on the "
-                     "command line, --import the module or .py file that does it)")
+
+
+def unknown_family(name: str) -> ConfigError:
+    """The error for a family name nobody registered, naming the known ones and the fix."""
+    from metapearl.tasks import family_names
+
+    return ConfigError(f"unknown task family {name!r}; known: {', '.join(family_names())} (a "
+                       "family of your own is registered with register_family first: on the "
+                       "command line, --import the module or .py file that does it)")
+
+
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(PEARLConfig))
 
 
@@ -494,8 +500,7 @@ def make_config(
     from metapearl.tasks import family_names, get_family
 
     if family not in family_names():
-        raise ConfigError(f"unknown task family {family!r}; known: {', '.join(family_names())}"
-                          f"{UNREGISTERED_HINT}")
+        raise unknown_family(family)
     table = PRESETS.get(family, GENERIC_PRESETS)
     if preset not in table:
         raise ConfigError(
